@@ -73,16 +73,6 @@ class TargetCard(Card):
     license: str | None = None
 
 
-class TaskSource(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    hub: str  # the hub id real users have
-    config: str | None = None
-    split: str = "test"
-    local: str  # file under TAPS_BENCH_DATA / --data-dir
-    format: Literal["jsonl", "json"] = "jsonl"
-
-
 class TaskFields(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,6 +84,19 @@ class TaskFields(BaseModel):
     group: str | None = None  # field used to stratify `--limit` (MT-Bench category)
 
 
+class TaskSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hub: str  # the hub id real users have
+    config: str | None = None
+    split: str = "test"
+    local: str  # file under TAPS_BENCH_DATA / --data-dir
+    format: Literal["jsonl", "json"] = "jsonl"
+    # Field names of the hub dataset when they differ from the local file's (MT-Bench: the hub parquet renamed
+    # FastChat's `turns` to `prompt` and replaced `question_id` with a hash `prompt_id`). None: same as `fields`.
+    hub_fields: TaskFields | None = None
+
+
 class TaskSubset(BaseModel):
     """A declared fixed subset of the file (SVAMP: the 300 problems the paper used)."""
 
@@ -103,6 +106,9 @@ class TaskSubset(BaseModel):
     first: int | None = None
     last: int | None = None
     note: str = ""
+    # True when the hub split already is this subset (SVAMP: ChilleD's 300-problem test split), so only the local
+    # file is cut down and hub rows are taken as they come.
+    local_only: bool = False
 
 
 class TaskCard(Card):

@@ -16,4 +16,5 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
     # Also suggest names that merely contain what was typed ("hass" -> "mathinstruct-hass").
     close += [k for k in known if name and name.lower() in k.lower() and k not in close][: max(0, 3 - len(close))]
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known) or '(none)'}"
-    return UserError(f"unknown {kind} '{name}': {hint} (see `taps-bench list {kind}s`)")
+    see = "" if kind == "kind" else f" (see `taps-bench list {'corpora' if kind == 'corpus' else kind + 's'}`)"
+    return UserError(f"unknown {kind} '{name}': {hint}{see}")

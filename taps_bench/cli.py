@@ -1,0 +1,308 @@
+"""The `taps-bench` command line.
+
+Bad input exits 2 with one line saying what is wrong and how to fix it; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from taps_bench.errors import UserError
+from taps_bench.registry import KINDS, Registry
+
+KIND_ALIASES = {f"{k}s": k for k in KINDS} | {"corpora": "corpus"} | {k: k for k in KINDS}
+
+
+class Context:
+    def __init__(self, debug: bool, include: tuple[str, ...]) -> None:
+        self.debug = debug
+        self.include = include
+        self._registry: Registry | None = None
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.load(include=[Path(p) for p in self.include])
+        return self._registry
+
+
+def _quiet_libraries() -> None:
+    """Keep stdout for results: no transformers progress bars or advisory warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--include", multiple=True, type=click.Path(), metavar="DIR",
+              help="Extra cards: DIR/{targets,tasks,drafters,corpora}/*.yaml or *.yaml with a `kind:` field.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, include: tuple[str, ...]) -> None:
+    """Benchmark task-aware speculative decoding: drafters, combiners, tasks, targets."""
+    ctx.obj = Context(debug, include)
+
+
+@cli.command("list")
+@click.argument("kind", metavar="targets|drafters|combiners|tasks|corpora")
+@click.pass_obj
+def list_cmd(obj: Context, kind: str) -> None:
+    """List what taps-bench knows, one line each."""
+    if kind not in KIND_ALIASES:
+        from taps_bench.errors import unknown_name
+
+        raise unknown_name("kind", kind, ["targets", "drafters", "combiners", "tasks", "corpora"])
+    rows = obj.registry.describe(KIND_ALIASES[kind])
+    if not rows:
+        click.echo(f"(no {kind} registered yet)")
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, desc in rows:
+        click.echo(f"{name:<{width}}  {desc}")
+
+
+# -- shared options ---------------------------------------------------------------------------------------------
+
+
+def _common(f: Any) -> Any:
+    options = [
+        click.option("--task", required=True, help="Task name (see `taps-bench list tasks`)."),
+        click.option("--target", default=None, help="Target name; default: the CPU or GPU default for this machine."),
+        click.option("--limit", type=int, default=None, help="Take the first N examples (documented order per task)."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--sample-top-k", type=int, default=0, show_default=True, help="Top-k cut when sampling."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--max-new-tokens", type=int, default=512, show_default=True),
+        click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache."),
+        click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present."),
+        click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _db_url(db: str | None) -> str:
+    from taps_bench.store import default_db_url
+
+    if db is None:
+        return default_db_url()
+    return db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def _prepare(obj: Context, task: str, target: str | None, limit: int | None, temperature: float, top_p: float,
+             sample_top_k: int, seed: int, max_new_tokens: int, db: str | None, data_dir: str | None,
+             device: str | None, dtype: str | None) -> dict[str, Any]:
+    """Validate everything cheap before loading a model, so bad input fails in a second with nothing written."""
+    from taps_bench.sampling import Sampling
+    from taps_bench.store import Store
+    from taps_bench.targets import default_target_name, resolve_device
+    from taps_bench.tasks import load_examples, resolve_data_dir
+
+    reg = obj.registry
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be a positive integer (got {limit})")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=sample_top_k, seed=seed)
+    task_card = reg.task(task)
+    if target is None:
+        target, why = default_target_name(reg.cards["target"])  # type: ignore[arg-type]
+        click.echo(f"[taps-bench] {why}", err=True)
+    target_card = reg.target(target)
+    dev, dt, dev_why = resolve_device(device, dtype)
+    directory = resolve_data_dir(data_dir)
+    examples = load_examples(task_card, directory, limit)
+    store = Store(_db_url(db))
+    click.echo(f"[taps-bench] target {target_card.name} on {dev} ({str(dt).removeprefix('torch.')}; {dev_why}); "
+               f"task {task_card.name}: {len(examples)} examples; results in {_shown(store)}", err=True)
+    return {"sampling": sampling, "task": task_card, "target_card": target_card, "device": device, "dtype": dtype,
+            "examples": examples, "store": store, "data_file": directory / task_card.source.local,
+            "max_new_tokens": max_new_tokens}
+
+
+def _load(p: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    from taps_bench import provenance
+    from taps_bench.targets import load_target
+    from taps_bench.tasks import data_file_hash
+
+    _quiet_libraries()
+    target = load_target(p["target_card"], p["device"], p["dtype"])
+    return target, data_file_hash(p["data_file"]), provenance.collect(target)
+
+
+def _baseline_arm(p: dict[str, Any]) -> Any:
+    from taps_bench.runner import Arm
+
+    return Arm(kind="baseline", proposer="autoregressive", sampling=p["sampling"], max_new_tokens=p["max_new_tokens"])
+
+
+def _summary_rows(label: str, s: dict[str, Any]) -> dict[str, Any]:
+    return {"arm": label, "samples": s["n_samples"], "new_tokens": s["new_tokens"], "tau": s["tau"],
+            "tau_macro": s["tau_macro"], "tokens_per_s": s["tokens_per_s"], "accuracy": s["accuracy"],
+            "draft_s": s["draft_s"], "verify_s": s["verify_s"], "overhead_s": s["overhead_s"]}
+
+
+def _only(samples: list[dict[str, Any]], examples: list[Any]) -> list[dict[str, Any]]:
+    """The samples of this invocation's examples (a run may hold more from an earlier, larger --limit)."""
+    wanted = {ex.id for ex in examples}
+    return [s for s in samples if s["example_id"] in wanted]
+
+
+@cli.command()
+@_common
+@click.pass_obj
+def baseline(obj: Context, as_json: bool, no_progress: bool, **kw: Any) -> None:
+    """Autoregressive baseline of a target on a task (the speedup denominator)."""
+    from taps_bench.metrics import summarize
+    from taps_bench.proposer import Autoregressive
+    from taps_bench.report import format_table
+    from taps_bench.runner import run_arm
+
+    p = _prepare(obj, **kw)
+    target, data_hash, prov = _load(p)
+    run_id = run_arm(p["store"], target, p["task"], p["examples"], Autoregressive(), _baseline_arm(p), data_hash,
+                     prov, show_progress=not no_progress)
+    s = summarize(_only(p["store"].samples(run_id), p["examples"]))
+    click.echo(format_table([_summary_rows("autoregressive", s)], _TABLE))
+    result = {"run_id": run_id, "target": target.name, "task": p["task"].name,
+              "temperature": p["sampling"].temperature, "n_samples": s["n_samples"], "new_tokens": s["new_tokens"],
+              "tokens_per_s": s["tokens_per_s"], "accuracy": s["accuracy"], "tau": s["tau"],
+              "device": str(target.device), "dtype": prov["dtype"], "db": _shown(p["store"])}
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+_TABLE = [("arm", "arm"), ("samples", "samples"), ("new_tokens", "tokens"), ("tau", "tau"),
+          ("tau_macro", "tau (macro)"), ("tokens_per_s", "tok/s"), ("accuracy", "accuracy"),
+          ("draft_s", "draft s"), ("verify_s", "verify s"), ("overhead_s", "other s")]
+
+
+@cli.command()
+@click.option("--drafter", required=True, help="Drafter name (resolved for the target) or a checkpoint directory.")
+@click.option("--total-tokens", type=int, default=None, help="Tree size incl. root; default from the target card.")
+@click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels).")
+@click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
+@_common
+@click.pass_obj
+def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None, top_k: int | None,
+        allow_pickle: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
+    """Measure a drafter against its target: speculative and autoregressive arms on the same prompts."""
+    from taps_bench.metrics import speedup, summarize
+    from taps_bench.proposer import Autoregressive
+    from taps_bench.report import format_table
+    from taps_bench.resolve import eagle_proposer, load_for_target, tree_settings
+    from taps_bench.runner import Arm, run_arm
+
+    p = _prepare(obj, **kw)
+    if not Path(drafter).is_dir():
+        obj.registry.drafter(drafter)  # an unknown name fails here, before the model loads
+    target, data_hash, prov = _load(p)
+    tree = tree_settings(target, total_tokens, depth, top_k)
+    resolved = load_for_target(obj.registry, drafter, target, allow_pickle)
+    proposer, settings = eagle_proposer(resolved, target, tree)
+    store, examples = p["store"], p["examples"]
+
+    base_id = run_arm(store, target, p["task"], examples, Autoregressive(), _baseline_arm(p), data_hash, prov,
+                      show_progress=not no_progress)
+    reference = store.done(base_id)
+    arm = Arm(kind="speculative", proposer=resolved.name, sampling=p["sampling"],
+              max_new_tokens=p["max_new_tokens"], settings=settings)
+    spec_id = run_arm(store, target, p["task"], examples, proposer, arm, data_hash, prov, reference=reference,
+                      show_progress=not no_progress)
+    base = _only(store.samples(base_id), examples)
+    spec = _only(store.samples(spec_id), examples)
+    sb, ss, sp = summarize(base), summarize(spec), speedup(spec, base)
+    click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(resolved.name, ss)], _TABLE))
+    depth_rows = [{"depth": d["depth"], "conditional": d["conditional"], "unconditional": d["unconditional"]}
+                  for d in ss["acceptance_by_depth"]]
+    click.echo(format_table(depth_rows, [("depth", "depth"), ("conditional", "accept | reached"),
+                                         ("unconditional", "accept / steps")]))
+    click.echo(f"speedup {_fmt(sp['ratio_of_sums'])}x (ratio of sums; mean of per-question ratios "
+               f"{_fmt(sp['mean_of_ratios'])}x)   lossless {_fmt(ss['lossless_rate'])}   tree {tree.total_tokens}/"
+               f"{tree.depth}/{tree.top_k}")
+    result = {"run_id": spec_id, "baseline_run_id": base_id, "target": target.name, "drafter": resolved.name,
+              "task": p["task"].name, "temperature": p["sampling"].temperature, "n_samples": ss["n_samples"],
+              "tau": ss["tau"], "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
+              "speedup_mean_of_ratios": sp["mean_of_ratios"], "tokens_per_s": ss["tokens_per_s"],
+              "baseline_tokens_per_s": sb["tokens_per_s"], "lossless_rate": ss["lossless_rate"],
+              "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
+              "acceptance_by_depth": ss["acceptance_by_depth"], "acceptance_histogram": ss["acceptance_histogram"],
+              "time_split_s": {k: ss[k] for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")},
+              "tree": tree.model_dump(), "drafter_checkpoint": resolved.checkpoint,
+              "device": str(target.device), "dtype": prov["dtype"], "db": _shown(store)}
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+
+
+def _shown(store: Any) -> str:
+    return str(store.url.render_as_string(hide_password=True))
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+@cli.command()
+@click.option("--db", default=None, help="SQLAlchemy URL or SQLite file.")
+def show(db: str | None) -> None:
+    """List stored runs with their summaries."""
+    from taps_bench.report import runs_table
+    from taps_bench.store import Store
+
+    click.echo(runs_table(Store(_db_url(db))))
+
+
+@cli.command()
+@click.option("--db", default=None, help="SQLAlchemy URL or SQLite file.")
+@click.option("--format", "fmt", type=str, default="csv", show_default=True, help="csv or json.")
+@click.option("--what", type=str, default="runs", show_default=True, help="runs or samples.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
+def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
+    """Export runs (with summaries) or samples (raw counters) as CSV or JSON."""
+    from taps_bench.report import export as export_text
+    from taps_bench.store import Store
+
+    text = export_text(Store(_db_url(db)), fmt, what)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    tmp = Path(out + ".part")
+    tmp.write_text(text)
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="taps-bench", standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        click.echo(f"taps-bench: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("taps-bench: interrupted; every finished sample is stored, re-run to resume", err=True)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"taps-bench: error: {exc.format_message()} (see `taps-bench --help`)", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

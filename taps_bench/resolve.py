@@ -1,0 +1,76 @@
+"""Turn names from the command line into loaded things: a drafter name (resolved for a target) into a proposer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taps_bench.cards import DrafterCard, TreeSettings
+from taps_bench.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
+from taps_bench.eagle2 import EagleProposer
+from taps_bench.errors import UserError
+from taps_bench.registry import Registry
+from taps_bench.targets import Target, sha256_file
+
+
+@dataclass
+class ResolvedDrafter:
+    name: str
+    drafter: Drafter
+    checkpoint: str  # where it was read from
+    checkpoint_sha256: str
+    card: DrafterCard | None
+
+
+def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path | None, str, DrafterCard | None]:
+    """Where the drafter `name` lives for `target`: (local directory or None if not built, description, card)."""
+    if Path(name).is_dir():  # a checkpoint directory given directly: evaluate your own drafter without a card
+        return Path(name), f"path:{Path(name).resolve()}", None
+    card = reg.drafter(name)
+    entry = card.targets.get(target.name)
+    if entry is None:
+        raise UserError(f"drafter '{name}' has no checkpoint for target '{target.name}' (it has: "
+                        f"{', '.join(sorted(card.targets)) or 'none'}); pick a target it was trained for")
+    if entry.source is None:
+        raise UserError(f"drafter '{name}' for target '{target.name}' is built by the recipe '{entry.recipe}', "
+                        f"which has not been built yet; build it with `taps-bench train --recipe {entry.recipe} "
+                        f"--target {target.name}`")
+    src = entry.source
+    note = "" if entry.confirmed else " (hub name unconfirmed)"
+    if src.hub:
+        return fetch_from_hub(src.hub, src.revision), f"hub:{src.hub}{note}", card
+    assert src.path
+    path = Path(src.path).expanduser()
+    if not path.is_absolute() and card.origin:
+        path = Path(card.origin).parent / path
+    if not path.is_dir():
+        raise UserError(f"drafter '{name}': checkpoint directory {path} does not exist")
+    return path, f"path:{path}", card
+
+
+def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False) -> ResolvedDrafter:
+    directory, where, card = drafter_location(reg, name, target)
+    assert directory is not None
+    drafter, weights = load_drafter(directory, allow_pickle=allow_pickle)
+    check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
+    return ResolvedDrafter(name=name if card else Path(name).name, drafter=drafter, checkpoint=where,
+                           checkpoint_sha256=sha256_file(weights), card=card)
+
+
+def tree_settings(target: Target, total_tokens: int | None, depth: int | None, top_k: int | None) -> TreeSettings:
+    """The target card's default tree, overridden by whatever the user set."""
+    base = target.card.tree
+    try:
+        return TreeSettings(total_tokens=base.total_tokens if total_tokens is None else total_tokens,
+                            depth=base.depth if depth is None else depth, top_k=base.top_k if top_k is None else top_k)
+    except ValueError as exc:
+        raise UserError(f"bad tree settings: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings) -> tuple[EagleProposer,
+                                                                                          dict[str, Any]]:
+    """The single-drafter proposer and the settings that identify it in the store."""
+    settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
+                "tree": tree.model_dump()}
+    return EagleProposer(resolved.drafter, target.model, tree, name=resolved.name), settings

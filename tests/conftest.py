@@ -1,0 +1,46 @@
+"""Shared fixtures: small random targets of the Llama and Qwen3 architectures, built in the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TAPS_BENCH_DATA") or REPO.parent / "shared" / "data")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_target(family: str = "llama", seed: int = 0, vocab: int = 97, hidden: int = 64, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, std: float = 0.5):
+    """A random causal LM whose logits are spread enough that greedy argmax has no near-ties."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                  tie_word_embeddings=False, initializer_range=std, attn_implementation="sdpa")
+    config = LlamaConfig(**common) if family == "llama" else Qwen3Config(head_dim=hidden // heads, **common)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}; set TAPS_BENCH_DATA")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm(tmp_path_factory):
+    """The real CPU target (downloaded once into TAPS_BENCH_HOME; tests reuse the user's cache when set)."""
+    from taps_bench.registry import Registry
+    from taps_bench.targets import load_target
+
+    if not os.environ.get("TAPS_BENCH_HOME"):
+        os.environ["TAPS_BENCH_HOME"] = str(tmp_path_factory.mktemp("home"))
+    return load_target(Registry.load().target("smollm2-135m-instruct"))
