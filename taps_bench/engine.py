@@ -216,7 +216,7 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
         committed = tree.tokens[acc.path]
         committed_hidden = hidden[path_index]
         context += len(acc.path)
-        emitted = tree.tokens[acc.path[1:]].tolist() + [acc.next_token]
+        emitted = [*tree.tokens[acc.path[1:]].tolist(), acc.next_token]
         for tok in emitted:
             out.append(tok)
             if tok in stops:
