@@ -94,17 +94,17 @@ def _common(f: Any) -> Any:
 
 
 def _db_url(db: str | None) -> str:
-    from taps_bench.store import default_db_url
+    from taps_bench.store import as_url, default_db_url
 
-    if db is None:
-        return default_db_url()
-    return db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
+    return default_db_url() if db is None else as_url(db)
 
 
 def _prepare(obj: Context, task: str, target: str | None, limit: int | None, temperature: float, top_p: float,
              sample_top_k: int, seed: int, max_new_tokens: int, db: str | None, data_dir: str | None,
-             device: str | None, dtype: str | None) -> dict[str, Any]:
-    """Validate everything cheap before loading a model, so bad input fails in a second with nothing written."""
+             device: str | None, dtype: str | None, check: Any = None) -> dict[str, Any]:
+    """Validate everything cheap before loading a model, so bad input fails in a second with nothing written.
+
+    `check(target_card)` runs extra validation (the drafter of `run`) before anything is printed or opened."""
     from taps_bench.sampling import Sampling
     from taps_bench.store import Store
     from taps_bench.targets import default_target_name, resolve_device
@@ -117,14 +117,18 @@ def _prepare(obj: Context, task: str, target: str | None, limit: int | None, tem
         raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=sample_top_k, seed=seed)
     task_card = reg.task(task)
+    why = ""
     if target is None:
         target, why = default_target_name(reg.cards["target"])  # type: ignore[arg-type]
-        click.echo(f"[taps-bench] {why}", err=True)
     target_card = reg.target(target)
+    if check is not None:
+        check(target_card)
     dev, dt, dev_why = resolve_device(device, dtype)
     directory = resolve_data_dir(data_dir)
     examples = load_examples(task_card, directory, limit)
     store = Store(_db_url(db))
+    if why:
+        click.echo(f"[taps-bench] {why}", err=True)
     click.echo(f"[taps-bench] target {target_card.name} on {dev} ({str(dt).removeprefix('torch.')}; {dev_why}); "
                f"task {task_card.name}: {len(examples)} examples; results in {_shown(store)}", err=True)
     return {"sampling": sampling, "task": task_card, "target_card": target_card, "device": device, "dtype": dtype,
@@ -203,12 +207,10 @@ def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None,
     from taps_bench.metrics import speedup, summarize
     from taps_bench.proposer import Autoregressive
     from taps_bench.report import format_table
-    from taps_bench.resolve import eagle_proposer, load_for_target, tree_settings
+    from taps_bench.resolve import check_drafter, eagle_proposer, load_for_target, tree_settings
     from taps_bench.runner import Arm, run_arm
 
-    p = _prepare(obj, **kw)
-    if not Path(drafter).is_dir():
-        obj.registry.drafter(drafter)  # an unknown name fails here, before the model loads
+    p = _prepare(obj, **kw, check=lambda card: check_drafter(obj.registry, drafter, card, allow_pickle))
     target, data_hash, prov = _load(p)
     tree = tree_settings(target, total_tokens, depth, top_k)
     resolved = load_for_target(obj.registry, drafter, target, allow_pickle)

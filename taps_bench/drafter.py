@@ -32,17 +32,17 @@ LAYER_KEYS = (
 
 @dataclass
 class KV:
-    """The drafter's own cache: keys and values [kv_heads, length, head_dim] of the positions it has seen."""
+    """The drafter's own cache: keys and values [batch, kv_heads, length, head_dim] of the positions it has seen."""
 
     keys: Tensor
     values: Tensor
 
     @property
     def length(self) -> int:
-        return int(self.keys.shape[1])
+        return int(self.keys.shape[2])
 
     def cat(self, other: KV) -> KV:
-        return KV(torch.cat([self.keys, other.keys], 1), torch.cat([self.values, other.values], 1))
+        return KV(torch.cat([self.keys, other.keys], 2), torch.cat([self.values, other.values], 2))
 
 
 class RMSNorm(nn.Module):
@@ -67,18 +67,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: KV | None, mask: Tensor) -> tuple[Tensor, KV]:
-        """x [T, H]; mask [T, past + T] bool (True: may attend). Returns the output and the new positions' KV."""
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        q, k = apply_rotary_pos_emb(q[None], k[None], *rope)
-        q, k = q[0], k[0]
+        """x [B, T, H]; mask [B or 1, 1, T, past + T] bool (True: may attend). Returns the output and the KV of the
+        new positions."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
         new = KV(k, v)
         full = past.cat(new) if past is not None else new
-        out = F.scaled_dot_product_attention(q[None], full.keys[None], full.values[None], attn_mask=mask[None, None],
+        out = F.scaled_dot_product_attention(q, full.keys, full.values, attn_mask=mask,
                                              enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1)), new
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), new
 
 
 class MLP(nn.Module):
@@ -121,10 +121,19 @@ class Drafter(nn.Module):
 
     def forward(self, embeds: Tensor, features: Tensor, positions: Tensor, past: KV | None,
                 mask: Tensor) -> tuple[Tensor, KV]:
-        """embeds, features [T, H] -> predicted next features [T, H] and the KV of these T positions."""
-        x = self.fc(torch.cat([embeds, features], dim=-1).to(self.fc.weight.dtype))
-        cos, sin = self.rotary(x[None], positions[None])
-        return self.layers[0](x, (cos, sin), past, mask)
+        """Predict next features from `fc([embed(token), feature])`.
+
+        Unbatched (drafting): embeds, features [T, H], positions [T], mask [T, past + T].
+        Batched (training): [B, T, H], positions [B, T], mask [B or 1, 1, T, past + T].
+        Returns the predicted features (same leading shape) and the KV of these positions.
+        """
+        single = embeds.dim() == 2
+        if single:
+            embeds, features, positions, mask = embeds[None], features[None], positions[None], mask[None, None]
+        x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1).to(self.fc.weight.dtype))
+        cos, sin = self.rotary(x, positions)
+        out, new = self.layers[0](x, (cos, sin), past, mask)
+        return (out[0] if single else out), new
 
     def state_for_saving(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.")}
@@ -156,13 +165,20 @@ def _read_state(directory: Path, allow_pickle: bool) -> tuple[dict[str, Tensor],
 
     st = directory / "model.safetensors"
     if st.is_file():
-        return load_file(str(st)), st
+        try:
+            return load_file(str(st)), st
+        except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+            raise UserError(f"{st}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     pkl = directory / "pytorch_model.bin"
     if pkl.is_file():
         if not allow_pickle:
             raise UserError(f"{pkl} is a pickle file, which can run code when loaded; convert it to safetensors, or "
                             "pass --allow-pickle if you trust its source (it is then loaded with weights_only=True)")
-        return torch.load(pkl, map_location="cpu", weights_only=True), pkl
+        try:
+            return torch.load(pkl, map_location="cpu", weights_only=True), pkl
+        except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+            raise UserError(f"{pkl}: cannot be loaded safely with weights_only=True "
+                            f"({str(exc).splitlines()[0]})") from None
     raise UserError(f"no model.safetensors or pytorch_model.bin in {directory}")
 
 
@@ -181,7 +197,12 @@ def load_drafter(directory: str | Path, allow_pickle: bool = False) -> tuple[Dra
         if key not in raw:
             raise UserError(f"{cfg_path}: missing `{key}`")
     raw["num_hidden_layers"] = raw.get("num_hidden_layers", 1)
-    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+    try:
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+        if config.num_attention_heads < 1 or config.num_key_value_heads < 1:
+            raise ValueError("num_attention_heads and num_key_value_heads must be positive")
+    except Exception as exc:  # transformers validates field types with its own exception classes
+        raise UserError(f"{cfg_path}: invalid drafter config ({str(exc).splitlines()[0]})") from None
     state, weights = _read_state(directory, allow_pickle)
     # The config's `bias` field is unreliable in published checkpoints: the state dict decides.
     fc_bias, with_embedding = "fc.bias" in state, "embed_tokens.weight" in state

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from taps_bench.errors import UserError
 from taps_bench.proposer import Proposer
 from taps_bench.sampling import Sampling, draw, probabilities, select
-from taps_bench.tree import DraftTree, ancestor_mask, children_of, path_to
+from taps_bench.tree import DraftTree, ancestor_mask, children_of, path_to, prefix
 
 
 @dataclass
@@ -80,12 +81,22 @@ def prefill(model: Any, prompt: Tensor, cache: DynamicCache) -> tuple[Tensor, Te
     return hidden, logits[-1]
 
 
-def tree_attention_mask(tree: DraftTree, context: int, device: torch.device) -> Tensor:
-    """[1, 1, N, context + N] bool: each node sees the whole context, the root and its own ancestors."""
+# Attention implementations known to apply a custom 4D mask as given (tested for both in tests/test_engine.py).
+# Flash-attention kernels take no arbitrary mask and would silently verify the tree as a causal chain.
+TREE_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def tree_attention_mask(tree: DraftTree, context: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[1, 1, N, context + N] additive mask: each node sees the whole context, the root and its own ancestors.
+
+    Additive (0 or the dtype's minimum) rather than boolean, because eager attention adds the mask to the scores:
+    a boolean mask would be read as +1/+0 there and mask nothing.
+    """
     n = tree.size
-    mask = torch.ones(1, 1, n, context + n, dtype=torch.bool, device=device)
-    mask[0, 0, :, context:] = ancestor_mask(tree.parents).to(device)
-    return mask
+    allowed = torch.ones(n, context + n, dtype=torch.bool, device=device)
+    allowed[:, context:] = ancestor_mask(tree.parents).to(device)
+    mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def verify(model: Any, tree: DraftTree, cache: DynamicCache, context: int) -> tuple[Tensor, Tensor]:
@@ -94,7 +105,13 @@ def verify(model: Any, tree: DraftTree, cache: DynamicCache, context: int) -> tu
     ids = tree.tokens.to(device)
     positions = (context + tree.depths).to(device)
     # A root-only tree is an ordinary decoding step: the default causal mask is exact and cheaper than a 4D one.
-    mask = None if tree.size == 1 else tree_attention_mask(tree, context, device)
+    mask = None
+    if tree.size > 1:
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        if impl not in TREE_MASK_IMPLEMENTATIONS:
+            raise UserError(f"attention implementation '{impl}' cannot apply a tree mask; load the target with "
+                            f"attn_implementation='sdpa'")
+        mask = tree_attention_mask(tree, context, device, model.lm_head.weight.dtype)
     return forward(model, ids, cache, positions, mask)
 
 
@@ -191,9 +208,11 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
         t0 = _sync(device)
         tree = proposer.propose(committed.cpu(), committed_hidden, root)
         t1 = _sync(device)
-        if context + tree.size > max_context:
+        if context + 1 > max_context:
             reason = "context"
             break
+        if context + tree.size > max_context:  # near the limit, verify what fits (parents precede children)
+            tree = prefix(tree, max_context - context)
         hidden, logits = verify(model, tree, cache, context)
         t2 = _sync(device)
         acc = (accept_greedy(tree, logits) if sampling.greedy

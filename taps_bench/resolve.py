@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taps_bench.cards import DrafterCard, TreeSettings
+from taps_bench.cards import DrafterCard, DrafterForTarget, TargetCard, TreeSettings
 from taps_bench.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
 from taps_bench.eagle2 import EagleProposer
 from taps_bench.errors import UserError
@@ -23,35 +23,56 @@ class ResolvedDrafter:
     card: DrafterCard | None
 
 
-def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path | None, str, DrafterCard | None]:
-    """Where the drafter `name` lives for `target`: (local directory or None if not built, description, card)."""
-    if Path(name).is_dir():  # a checkpoint directory given directly: evaluate your own drafter without a card
-        return Path(name), f"path:{Path(name).resolve()}", None
+def _entry(reg: Registry, name: str, target_name: str) -> tuple[DrafterCard, DrafterForTarget]:
     card = reg.drafter(name)
-    entry = card.targets.get(target.name)
+    entry = card.targets.get(target_name)
     if entry is None:
-        raise UserError(f"drafter '{name}' has no checkpoint for target '{target.name}' (it has: "
+        raise UserError(f"drafter '{name}' has no checkpoint for target '{target_name}' (it has: "
                         f"{', '.join(sorted(card.targets)) or 'none'}); pick a target it was trained for")
-    if entry.source is None:
-        raise UserError(f"drafter '{name}' for target '{target.name}' is built by the recipe '{entry.recipe}', "
-                        f"which has not been built yet; build it with `taps-bench train --recipe {entry.recipe} "
-                        f"--target {target.name}`")
-    src = entry.source
-    note = "" if entry.confirmed else " (hub name unconfirmed)"
-    if src.hub:
-        return fetch_from_hub(src.hub, src.revision), f"hub:{src.hub}{note}", card
-    assert src.path
-    path = Path(src.path).expanduser()
+    return card, entry
+
+
+def _local_path(card: DrafterCard, name: str, raw: str) -> Path:
+    path = Path(raw).expanduser()
     if not path.is_absolute() and card.origin:
         path = Path(card.origin).parent / path
     if not path.is_dir():
         raise UserError(f"drafter '{name}': checkpoint directory {path} does not exist")
+    return path
+
+
+def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bool = False) -> None:
+    """Everything about a drafter that can be checked before the target is loaded (fail fast, write nothing)."""
+    if Path(name).is_dir():
+        load_drafter(name, allow_pickle=allow_pickle)
+        return
+    card, entry = _entry(reg, name, target.name)
+    if entry.source is None:
+        raise UserError(f"drafter '{name}' for target '{target.name}' is built by the recipe '{entry.recipe}', "
+                        f"which has not been built yet; build it with `taps-bench train --recipe {entry.recipe} "
+                        f"--target {target.name}`")
+    if entry.source.path:
+        load_drafter(_local_path(card, name, entry.source.path), allow_pickle=allow_pickle)
+
+
+def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path, str, DrafterCard | None]:
+    """Where the drafter `name` lives for `target`: (local directory, description, card)."""
+    if Path(name).is_dir():  # a checkpoint directory given directly: evaluate your own drafter without a card
+        return Path(name), f"path:{Path(name).resolve()}", None
+    check_drafter(reg, name, target.card)
+    card, entry = _entry(reg, name, target.name)
+    src = entry.source
+    assert src is not None
+    if src.hub:
+        note = "" if entry.confirmed else " (hub name unconfirmed)"
+        return fetch_from_hub(src.hub, src.revision), f"hub:{src.hub}{note}", card
+    assert src.path
+    path = _local_path(card, name, src.path)
     return path, f"path:{path}", card
 
 
 def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False) -> ResolvedDrafter:
     directory, where, card = drafter_location(reg, name, target)
-    assert directory is not None
     drafter, weights = load_drafter(directory, allow_pickle=allow_pickle)
     check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
     return ResolvedDrafter(name=name if card else Path(name).name, drafter=drafter, checkpoint=where,

@@ -28,7 +28,7 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (got {self.top_k}); 0 disables the top-k cut")
+            raise UserError(f"--sample-top-k must be >= 0 (got {self.top_k}); 0 disables the top-k cut")
 
     @property
     def greedy(self) -> bool:

@@ -64,8 +64,13 @@ def default_db_url() -> str:
     """`$TAPS_BENCH_DB` if set, else `sqlite:///<taps_bench_home()>/results.sqlite`."""
     env = os.environ.get(_ENV_DB)
     if env:
-        return env
+        return as_url(env)
     return f"sqlite:///{(taps_bench_home() / 'results.sqlite').resolve()}"
+
+
+def as_url(db: str) -> str:
+    """A SQLAlchemy URL as given, or a plain file path turned into a SQLite URL."""
+    return db if "://" in db else f"sqlite:///{Path(db).expanduser().resolve()}"
 
 
 def _utcnow() -> datetime:

@@ -46,6 +46,12 @@ def root_only(token: int, device: torch.device | str = "cpu") -> DraftTree:
                      entropy=zero.clone())
 
 
+def prefix(tree: DraftTree, n: int) -> DraftTree:
+    """The first n nodes: still a tree, since parents precede children."""
+    return DraftTree(tokens=tree.tokens[:n], parents=tree.parents[:n], logp=tree.logp[:n],
+                     entropy=tree.entropy[:n], source=None if tree.source is None else tree.source[:n])
+
+
 def ancestor_mask(parents: Tensor) -> Tensor:
     """[N, N] bool: mask[i, j] is True when j is i itself or one of its ancestors (what node i may attend to)."""
     par = parents.tolist()

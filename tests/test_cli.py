@@ -413,7 +413,9 @@ def test_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path, smollm: 
 
     drafter_dir = tmp_path / "random-drafter"
     save_drafter(random_drafter(smollm.model.config, seed=0), drafter_dir)
-    rc, out, err = invoke(capsys, "run", "--drafter", drafter_dir, *common)
+    # A small tree keeps this quick on two cores (a random drafter's drafts are rejected anyway).
+    tree = ("--total-tokens", "6", "--depth", "2", "--top-k", "2")
+    rc, out, err = invoke(capsys, "run", "--drafter", drafter_dir, *tree, *common)
     assert rc == 0, err
     result = last_json(out)
     for key in ("target", "drafter", "task", "temperature", "n_samples", "tau", "tau_macro", "speedup",
@@ -423,7 +425,8 @@ def test_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path, smollm: 
     assert result["n_samples"] == 2
     assert result["lossless_rate"] == 1.0
     assert result["tau"] >= 1.0 and result["speedup"] > 0 and result["tokens_per_s"] > 0
-    assert isinstance(result["acceptance_by_depth"], list)
+    assert isinstance(result["acceptance_by_depth"], list) and result["acceptance_by_depth"]
+    assert result["tree"] == {"total_tokens": 6, "depth": 2, "top_k": 2}
     # The stored baseline is reused, not recomputed.
     assert result["baseline_run_id"] == first["run_id"]
     assert result["baseline_tokens_per_s"] == first["tokens_per_s"]
@@ -440,7 +443,7 @@ def test_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path, smollm: 
     del state["layers.0.mlp.gate_proj.weight"]
     save_file(state, str(broken / "model.safetensors"))
     (broken / "config.json").write_text((drafter_dir / "config.json").read_text())
-    line = fails(capsys, "run", "--drafter", broken, *common, strict=False)
+    line = fails(capsys, "run", "--drafter", broken, *tree, *common, strict=False)
     assert "layers.0.mlp.gate_proj.weight" in line
 
 

@@ -122,9 +122,13 @@ def verify_fresh(model, prompt: list[int], t: DraftTree) -> tuple[torch.Tensor, 
     return logits, cache
 
 
-@pytest.mark.parametrize(("family", "seed"), [("llama", 0), ("qwen3", 1)])
-def test_verify_honours_the_tree_mask(family, seed):
+@pytest.mark.parametrize(("family", "seed", "attn"), [("llama", 0, "sdpa"), ("qwen3", 1, "sdpa"),
+                                                      ("llama", 0, "eager"), ("qwen3", 1, "eager")])
+def test_verify_honours_the_tree_mask(family, seed, attn):
+    """With eager attention too: transformers passes a ready 4D mask through unchanged, and eager attention *adds*
+    it to the scores, so the mask must be additive (0 / -inf), not boolean, to work with every implementation."""
     model = tiny_target(family, seed=seed)
+    model.set_attn_implementation(attn)
     prompt = random_prompt(seed, 97, length=7)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, 97, (len(PARENTS),), generator=g).tolist()
