@@ -7,7 +7,7 @@ halfway through a run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -145,6 +145,21 @@ class DrafterCard(Card):
     license: str | None = None
     authors: list[str] = Field(default_factory=list)
     links: list[str] = Field(default_factory=list)
+    training: dict[str, Any] = Field(default_factory=dict)  # written by `taps-bench train`: data hashes, losses...
+
+
+class RecipeCard(Card):
+    """How taps-bench trains a drafter for a target (the CPU target's drafters come from these)."""
+
+    target: str
+    corpus: str  # corpus spec, e.g. "mathinstruct:1200" or "sharegpt:600+mathinstruct:600"
+    method: Literal["eagle2", "hass"]
+    max_len: int = Field(512, ge=16)
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_tokens: int = Field(2048, ge=64)
+    seed: int = 0
+    expected_minutes: float | None = None  # measured on the project's 2-core CPU machine
 
 
 class CorpusFile(BaseModel):
@@ -169,10 +184,12 @@ CARD_TYPES: dict[str, type[Card]] = {
     "task": TaskCard,
     "drafter": DrafterCard,
     "corpus": CorpusCard,
+    "recipe": RecipeCard,
 }
 
 # Directory names under the repository root (and under an --include directory) for each kind of card.
-CARD_DIRS: dict[str, str] = {"target": "targets", "task": "tasks", "drafter": "drafters", "corpus": "corpora"}
+CARD_DIRS: dict[str, str] = {"target": "targets", "task": "tasks", "drafter": "drafters", "corpus": "corpora",
+                             "recipe": "recipes"}
 
 
 def card_path(card: Card) -> Path | None:

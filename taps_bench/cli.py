@@ -17,6 +17,7 @@ from taps_bench.errors import UserError
 from taps_bench.registry import KINDS, Registry
 
 KIND_ALIASES = {f"{k}s": k for k in KINDS} | {"corpora": "corpus"} | {k: k for k in KINDS}
+KIND_NAMES = ["targets", "drafters", "combiners", "tasks", "corpora", "recipes"]
 
 
 class Context:
@@ -52,14 +53,14 @@ def cli(ctx: click.Context, debug: bool, include: tuple[str, ...]) -> None:
 
 
 @cli.command("list")
-@click.argument("kind", metavar="targets|drafters|combiners|tasks|corpora")
+@click.argument("kind", metavar="targets|drafters|combiners|tasks|corpora|recipes")
 @click.pass_obj
 def list_cmd(obj: Context, kind: str) -> None:
     """List what taps-bench knows, one line each."""
     if kind not in KIND_ALIASES:
         from taps_bench.errors import unknown_name
 
-        raise unknown_name("kind", kind, ["targets", "drafters", "combiners", "tasks", "corpora"])
+        raise unknown_name("kind", kind, KIND_NAMES)
     rows = obj.registry.describe(KIND_ALIASES[kind])
     if not rows:
         click.echo(f"(no {kind} registered yet)")
@@ -133,6 +134,7 @@ def _prepare(obj: Context, task: str, target: str | None, limit: int | None, tem
                f"task {task_card.name}: {len(examples)} examples; results in {_shown(store)}", err=True)
     return {"sampling": sampling, "task": task_card, "target_card": target_card, "device": device, "dtype": dtype,
             "examples": examples, "store": store, "data_file": directory / task_card.source.local,
+            "data_dir": directory,
             "max_new_tokens": max_new_tokens}
 
 
@@ -199,10 +201,11 @@ _TABLE = [("arm", "arm"), ("samples", "samples"), ("new_tokens", "tokens"), ("ta
 @click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels).")
 @click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
+@click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
 @_common
 @click.pass_obj
 def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None, top_k: int | None,
-        allow_pickle: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
+        allow_pickle: bool, no_build: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
     """Measure a drafter against its target: speculative and autoregressive arms on the same prompts."""
     from taps_bench.metrics import speedup, summarize
     from taps_bench.proposer import Autoregressive
@@ -210,10 +213,13 @@ def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None,
     from taps_bench.resolve import check_drafter, eagle_proposer, load_for_target, tree_settings
     from taps_bench.runner import Arm, run_arm
 
-    p = _prepare(obj, **kw, check=lambda card: check_drafter(obj.registry, drafter, card, allow_pickle))
+    p = _prepare(obj, **kw, check=lambda card: check_drafter(obj.registry, drafter, card, allow_pickle,
+                                                             build=not no_build))
     target, data_hash, prov = _load(p)
     tree = tree_settings(target, total_tokens, depth, top_k)
-    resolved = load_for_target(obj.registry, drafter, target, allow_pickle)
+    resolved = load_for_target(obj.registry, drafter, target, allow_pickle, build=not no_build,
+                               data_dir=p["data_dir"],
+                               show_progress=not no_progress)
     proposer, settings = eagle_proposer(resolved, target, tree)
     store, examples = p["store"], p["examples"]
 
@@ -247,6 +253,78 @@ def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None,
               "device": str(target.device), "dtype": prov["dtype"], "db": _shown(store)}
     if as_json:
         click.echo(json.dumps(result, default=str))
+
+
+@cli.command()
+@click.option("--recipe", default=None, help="A named recipe (see `taps-bench list recipes`); sets everything below.")
+@click.option("--target", default=None, help="Target name; default: the machine's default target.")
+@click.option("--corpus", default=None, help="Corpus spec: name, name:N, or a mix like sharegpt:35k+mathinstruct:35k.")
+@click.option("--method", type=str, default=None, help="eagle2 or hass.")
+@click.option("--name", default=None, help="Drafter name in the model store (what `run --drafter` takes).")
+@click.option("--max-len", type=int, default=None, help="Tokens per conversation (default 512).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--batch-tokens", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--init", "init", default=None, help="Start from this drafter (name or directory) instead of scratch.")
+@click.option("--data-dir", default=None, help="Directory with the corpora; default $TAPS_BENCH_DATA.")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@click.pass_obj
+def train(obj: Context, recipe: str | None, target: str | None, corpus: str | None, method: str | None,
+          name: str | None, max_len: int | None, epochs: int | None, lr: float | None, batch_tokens: int | None,
+          seed: int | None, init: str | None, data_dir: str | None, device: str | None, dtype: str | None,
+          no_progress: bool, as_json: bool) -> None:
+    """Train a drafter (EAGLE-2 or HASS objective) on a corpus; resumable; lands in the model store."""
+    from taps_bench.build import build_drafter
+    from taps_bench.cards import RecipeCard
+    from taps_bench.corpora import parse_spec
+    from taps_bench.targets import default_target_name, load_target
+    from taps_bench.tasks import resolve_data_dir
+    from taps_bench.train import TrainSettings
+
+    reg = obj.registry
+    base = reg.recipe(recipe) if recipe else None
+    target = target or (base.target if base else default_target_name(reg.cards["target"])[0])  # type: ignore[arg-type]
+    target_card = reg.target(target)
+    if base and base.target != target_card.name:
+        raise UserError(f"recipe '{base.name}' is for target '{base.target}', not '{target_card.name}'")
+    given = {"name": name, "corpus": corpus, "method": method, "max_len": max_len, "epochs": epochs, "lr": lr,
+             "batch_tokens": batch_tokens, "seed": seed}
+    merged = (base.model_dump(exclude={"origin"}) if base else {"name": "unnamed", "description": "", "corpus": ""})
+    merged |= {k: v for k, v in given.items() if v is not None} | {"target": target_card.name}
+    if base is None and (name is None or method is None):
+        raise UserError("pass --recipe NAME, or --corpus SPEC --method eagle2|hass --name NAME")
+    try:
+        spec = RecipeCard(**merged)
+    except ValueError as exc:
+        raise UserError(f"bad training settings: {str(exc).splitlines()[1:3]}") from None
+    if not spec.corpus:
+        raise UserError("no corpus: pass --recipe NAME or --corpus SPEC (see `taps-bench list corpora`)")
+    for part in parse_spec(spec.corpus):
+        reg.corpus(part.corpus)
+    directory = resolve_data_dir(data_dir)
+    _quiet_libraries()
+    tgt = load_target(target_card, device, dtype)
+    init_drafter = None
+    if init:
+        from taps_bench.resolve import load_for_target
+
+        init_drafter = load_for_target(reg, init, tgt, data_dir=directory).drafter
+    settings = TrainSettings(method=spec.method, epochs=spec.epochs, lr=spec.lr, batch_tokens=spec.batch_tokens,
+                             seed=spec.seed)
+    out = build_drafter(reg, tgt, spec.name, spec.corpus, settings, spec.max_len, directory, init=init_drafter,
+                        init_name=init, show_progress=not no_progress,
+                        description=base.description if base and not name else None)
+    click.echo(f"drafter '{spec.name}' for {tgt.name} saved in {out}; use it with "
+               f"`taps-bench run --drafter {spec.name} --target {tgt.name} --task ...`")
+    if as_json:
+        import yaml
+
+        click.echo(json.dumps({"name": spec.name, "target": tgt.name, "path": str(out),
+                               "training": yaml.safe_load((out / "card.yaml").read_text())["training"]}))
 
 
 def _shown(store: Any) -> str:

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import ValidationError
 
-from taps_bench.cards import CARD_DIRS, CARD_TYPES, Card, CorpusCard, DrafterCard, TargetCard, TaskCard
+from taps_bench.cards import CARD_DIRS, CARD_TYPES, Card, CorpusCard, DrafterCard, RecipeCard, TargetCard, TaskCard
 from taps_bench.errors import UserError, unknown_name
 
-KINDS = ("target", "drafter", "combiner", "task", "corpus")
+KINDS = ("target", "drafter", "combiner", "task", "corpus", "recipe")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 C = TypeVar("C", bound=Card)
@@ -195,6 +195,9 @@ class Registry:
 
     def corpus(self, name: str) -> CorpusCard:
         return self.get("corpus", name, CorpusCard)
+
+    def recipe(self, name: str) -> RecipeCard:
+        return self.get("recipe", name, RecipeCard)
 
     def combiner(self, name: str) -> type:
         if name not in self.combiners:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taps_bench.build import build_recipe, built, store_dir
 from taps_bench.cards import DrafterCard, DrafterForTarget, TargetCard, TreeSettings
 from taps_bench.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
 from taps_bench.eagle2 import EagleProposer
 from taps_bench.errors import UserError
-from taps_bench.registry import Registry
+from taps_bench.registry import Registry, parse_card
 from taps_bench.targets import Target, sha256_file
 
 
@@ -41,38 +43,61 @@ def _local_path(card: DrafterCard, name: str, raw: str) -> Path:
     return path
 
 
-def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bool = False) -> None:
+def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bool = False,
+                  build: bool = True) -> None:
     """Everything about a drafter that can be checked before the target is loaded (fail fast, write nothing)."""
     if Path(name).is_dir():
         load_drafter(name, allow_pickle=allow_pickle)
         return
+    if built(target.name, name):
+        return
     card, entry = _entry(reg, name, target.name)
     if entry.source is None:
-        raise UserError(f"drafter '{name}' for target '{target.name}' is built by the recipe '{entry.recipe}', "
-                        f"which has not been built yet; build it with `taps-bench train --recipe {entry.recipe} "
-                        f"--target {target.name}`")
+        recipe = reg.recipe(entry.recipe or "")
+        if recipe.target != target.name:
+            raise UserError(f"recipe '{recipe.name}' builds a drafter for '{recipe.target}', not '{target.name}'")
+        if not build:
+            raise UserError(f"drafter '{name}' for target '{target.name}' has not been built yet (--no-build); build "
+                            f"it with `taps-bench train --recipe {recipe.name}`")
+        return
     if entry.source.path:
         load_drafter(_local_path(card, name, entry.source.path), allow_pickle=allow_pickle)
 
 
-def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path, str, DrafterCard | None]:
-    """Where the drafter `name` lives for `target`: (local directory, description, card)."""
+def drafter_location(reg: Registry, name: str, target: Target, build: bool = True, data_dir: Path | None = None,
+                     show_progress: bool = True) -> tuple[Path, str, DrafterCard | None]:
+    """Where the drafter `name` lives for `target`: (local directory, description, card). A drafter registered
+    with a recipe for this target and not yet built is built first (announced, with progress)."""
     if Path(name).is_dir():  # a checkpoint directory given directly: evaluate your own drafter without a card
         return Path(name), f"path:{Path(name).resolve()}", None
-    check_drafter(reg, name, target.card)
-    card, entry = _entry(reg, name, target.name)
-    src = entry.source
-    assert src is not None
-    if src.hub:
-        note = "" if entry.confirmed else " (hub name unconfirmed)"
-        return fetch_from_hub(src.hub, src.revision), f"hub:{src.hub}{note}", card
-    assert src.path
-    path = _local_path(card, name, src.path)
-    return path, f"path:{path}", card
+    check_drafter(reg, name, target.card, build=build)
+    done = built(target.name, name)
+    if done is None:
+        card, entry = _entry(reg, name, target.name)
+        if entry.source is None:
+            recipe = reg.recipe(entry.recipe or "")
+            minutes = f" (about {recipe.expected_minutes:g} min on a 2-core CPU)" if recipe.expected_minutes else ""
+            print(f"[taps-bench] drafter '{name}' for {target.name} is not built yet: building it now with the recipe "
+                  f"'{recipe.name}'{minutes}; it is kept in {store_dir(target.name, name)}", file=sys.stderr)
+            if data_dir is None:
+                raise UserError("building a drafter needs the training data: set TAPS_BENCH_DATA or pass --data-dir")
+            done = build_recipe(reg, recipe, target, data_dir, show_progress=show_progress)
+        else:
+            src = entry.source
+            if src.hub:
+                note = "" if entry.confirmed else " (hub name unconfirmed)"
+                return fetch_from_hub(src.hub, src.revision), f"hub:{src.hub}{note}", card
+            assert src.path
+            path = _local_path(card, name, src.path)
+            return path, f"path:{path}", card
+    stored = parse_card(done / "card.yaml", "drafter")
+    assert isinstance(stored, DrafterCard)
+    return done, f"built:{done}", stored
 
 
-def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False) -> ResolvedDrafter:
-    directory, where, card = drafter_location(reg, name, target)
+def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False, build: bool = True,
+                    data_dir: Path | None = None, show_progress: bool = True) -> ResolvedDrafter:
+    directory, where, card = drafter_location(reg, name, target, build, data_dir, show_progress)
     drafter, weights = load_drafter(directory, allow_pickle=allow_pickle)
     check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
     return ResolvedDrafter(name=name if card else Path(name).name, drafter=drafter, checkpoint=where,
