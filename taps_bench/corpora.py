@@ -12,6 +12,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from taps_bench.cards import CorpusCard, CorpusFile
@@ -42,9 +43,11 @@ def parse_spec(spec: str) -> list[Part]:
                             "sharegpt:35k+mathinstruct:35k")
         count = None
         if m.group(2):
-            count = int(float(m.group(2)) * (1000 if m.group(3) else 1))
-            if count < 1:
-                raise UserError(f"bad corpus spec '{spec}': counts must be positive")
+            # Decimal, not float: "64.1k" must be 64100, not 64099.
+            n = Decimal(m.group(2)) * (1000 if m.group(3) else 1)
+            if n < 1 or n != n.to_integral_value():
+                raise UserError(f"bad corpus spec '{spec}': counts must be positive whole numbers")
+            count = int(n)
         parts.append(Part(m.group(1), count))
     return parts
 

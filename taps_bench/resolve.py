@@ -58,7 +58,7 @@ def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bo
             raise UserError(f"recipe '{recipe.name}' builds a drafter for '{recipe.target}', not '{target.name}'")
         if not build:
             raise UserError(f"drafter '{name}' for target '{target.name}' has not been built yet (--no-build); build "
-                            f"it with `taps-bench train --recipe {recipe.name}`")
+                            f"it with `taps-bench train --recipe {recipe.name} --target {target.name}`")
         return
     if entry.source.path:
         load_drafter(_local_path(card, name, entry.source.path), allow_pickle=allow_pickle)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from taps_bench.drafter import KV, Drafter, random_drafter, save_drafter
+from taps_bench.errors import UserError
 from taps_bench.features import Sequence
 
 
@@ -194,8 +195,12 @@ def batches(seqs: list[Sequence], batch_tokens: int, gen: torch.Generator) -> li
 def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: TrainSettings, work_dir: Path,
           show_progress: bool = True, log: Any = None) -> tuple[Drafter, dict[str, Any]]:
     """Train (or resume training) a drafter; per-epoch checkpoints in `work_dir/state.pt`. Deterministic per seed."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     drafter = drafter if drafter is not None else _fresh(target_model.config, s.seed)
+    # What the saved state belongs to: a resume with other settings or data would silently continue the wrong run.
+    identity = json.dumps({"settings": asdict(s), "sequences": len(seqs),
+                           "tokens": sum(int(q.ids.numel()) for q in seqs)}, sort_keys=True)
     drafter.train()
     embed, lm_head = target_model.get_input_embeddings(), vocab_head(target_model.lm_head, s.head_dtype)
     params = [p for p in drafter.parameters() if p.requires_grad]
@@ -210,6 +215,9 @@ def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: T
     state_path = work_dir / "state.pt"
     if state_path.is_file():  # resume at the last finished epoch
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("identity") != identity:
+            raise UserError(f"{state_path} holds a training run with other settings or data; remove it (or the "
+                            "drafter's directory) to start afresh, or train under another --name")
         drafter.load_state_dict(state["drafter"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -245,7 +253,7 @@ def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: T
             log(record)
         tmp = state_path.with_suffix(".part")
         torch.save({"drafter": drafter.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1, "tokens_seen": tokens_seen, "seconds": seconds,
+                    "epoch": epoch + 1, "tokens_seen": tokens_seen, "seconds": seconds, "identity": identity,
                     "history": json.dumps(history)}, tmp)
         tmp.replace(state_path)
     bar.close()

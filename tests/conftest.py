@@ -13,6 +13,18 @@ DATA = Path(os.environ.get("TAPS_BENCH_DATA") or REPO.parent / "shared" / "data"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# The developer's TAPS_BENCH_HOME, read before any test changes it: its target cache (models/, wheels/) is shared
+# with the tests so that SmolLM2 is not downloaded and dequantised again.
+_DEVELOPER_HOME = os.environ.get("TAPS_BENCH_HOME")
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    home = Path(_DEVELOPER_HOME) if _DEVELOPER_HOME else tmp_path_factory.getbasetemp() / "shared-home"
+    for sub in ("models", "wheels"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    return home
+
 
 def tiny_target(family: str = "llama", seed: int = 0, vocab: int = 97, hidden: int = 64, layers: int = 2,
                 heads: int = 4, kv_heads: int = 2, std: float = 0.5):
@@ -36,11 +48,30 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm(tmp_path_factory):
-    """The real CPU target (downloaded once into TAPS_BENCH_HOME; tests reuse the user's cache when set)."""
+def smollm(shared_home):
+    """The real CPU target, loaded once per session from the shared model cache (see `isolated_home`)."""
     from taps_bench.registry import Registry
     from taps_bench.targets import load_target
 
-    if not os.environ.get("TAPS_BENCH_HOME"):
-        os.environ["TAPS_BENCH_HOME"] = str(tmp_path_factory.mktemp("home"))
-    return load_target(Registry.load().target("smollm2-135m-instruct"))
+    old = os.environ.get("TAPS_BENCH_HOME")
+    os.environ["TAPS_BENCH_HOME"] = str(shared_home)
+    try:
+        return load_target(Registry.load().target("smollm2-135m-instruct"))
+    finally:
+        if old is None:
+            del os.environ["TAPS_BENCH_HOME"]
+        else:
+            os.environ["TAPS_BENCH_HOME"] = old
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch, shared_home):
+    """Every test gets its own TAPS_BENCH_HOME (model store, features, default database), so drafters built on the
+    developer's machine never leak into a test. The expensive target cache (models/, wheels/) is shared: it is the
+    developer's own when TAPS_BENCH_HOME is set, else one per test session."""
+    home = tmp_path_factory.mktemp("home")
+    for sub in ("models", "wheels"):
+        (home / sub).symlink_to(shared_home / sub, target_is_directory=True)
+    monkeypatch.setenv("TAPS_BENCH_HOME", str(home))
+    monkeypatch.delenv("TAPS_BENCH_DB", raising=False)
+    return home

@@ -502,11 +502,13 @@ def test_recipe_entry_not_built(monkeypatch: pytest.MonkeyPatch, target_model: A
     monkeypatch.setattr(resolve, "fetch_from_hub", lambda *a, **k: pytest.fail("must not fetch"))
     cpu = make_target(target_model, "smollm2-135m-instruct")
     for name in ("mixed-hass", "mathinstruct-eagle2"):
-        with pytest.raises(UserError) as err:
-            resolve.load_for_target(registry, name, cpu)
+        with pytest.raises(UserError) as err:  # --no-build
+            resolve.load_for_target(registry, name, cpu, build=False)
         message = str(err.value)
         assert "not been built" in message
         assert f"taps-bench train --recipe {name} --target smollm2-135m-instruct" in message
+        with pytest.raises(UserError, match="needs the training data"):  # building needs the corpora
+            resolve.load_for_target(registry, name, cpu, build=True, data_dir=None)
 
 
 def test_unknown_drafter_name_suggests_close_names(target_model: Any, registry: Registry) -> None:

@@ -1,0 +1,80 @@
+"""Training-side speed on this machine, as a table (ratios within one run).
+
+  1. feature extraction (tokenise, target forward, post-norm hidden states to fp16 shards) against the target's plain
+     forward over the same tokens (goal: extraction >= 80 % of the plain forward's throughput);
+  2. drafter training throughput (loss tokens per second) for the EAGLE-2 and HASS objectives.
+
+Usage: TAPS_BENCH_DATA=../shared/data python bench/train_speed.py [--conversations 40] [--corpus mathinstruct]
+Runs in a temporary TAPS_BENCH_HOME for the features, so nothing cached is reused or disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from taps_bench import provenance
+from taps_bench.corpora import conversations
+from taps_bench.features import encode, extract, load_sequences
+from taps_bench.registry import Registry
+from taps_bench.report import format_table
+from taps_bench.targets import load_target
+from taps_bench.tasks import resolve_data_dir
+from taps_bench.train import TrainSettings, has_bf16_matmul, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="smollm2-135m-instruct")
+    ap.add_argument("--corpus", default="mathinstruct")
+    ap.add_argument("--conversations", type=int, default=40)
+    ap.add_argument("--max-len", type=int, default=384)
+    args = ap.parse_args()
+
+    reg = Registry.load()
+    target = load_target(reg.target(args.target))
+    prov = provenance.collect(target)
+    print(f"# {target.name} on {prov['device_name']} ({prov['dtype']}, {prov['threads']} threads), torch "
+          f"{prov['versions']['torch']}, commit {prov['git_commit']}, bf16 matmul: {has_bf16_matmul()}")
+    spec = f"{args.corpus}:{args.conversations}"
+    convs, data_hash = conversations(reg, spec, resolve_data_dir(None))
+    encoded = [e[0] for e in (encode(target, c, args.max_len) for c in convs) if e]
+    n_tokens = sum(len(ids) for ids in encoded)
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for ids in encoded:
+            target.model.model(input_ids=torch.tensor([ids]))
+        plain = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TAPS_BENCH_HOME"] = tmp
+        t0 = time.perf_counter()
+        directory = extract(target, convs, spec, data_hash, args.max_len, show_progress=False)
+        extraction = time.perf_counter() - t0
+        seqs = load_sequences(directory)
+        rows = [{"stage": "target forward (plain)", "tokens": n_tokens, "tok_s": n_tokens / plain, "ratio": 1.0},
+                {"stage": "feature extraction (all-in)", "tokens": n_tokens, "tok_s": n_tokens / extraction,
+                 "ratio": plain / extraction}]
+        print("\n## Feature extraction vs plain forward (same tokens)")
+        print(format_table(rows, [("stage", "stage"), ("tokens", "tokens"), ("tok_s", "tok/s"),
+                                  ("ratio", "x plain")]))
+        train_rows = []
+        for method in ("eagle2", "hass"):
+            work = Path(tmp) / method
+            work.mkdir()
+            _, info = train(None, target.model, seqs, TrainSettings(method=method, epochs=1), work,
+                            show_progress=False)
+            train_rows.append({"method": method, "loss_tokens": info["tokens_seen"], "seconds": info["train_seconds"],
+                               "tok_s": info["tokens_seen"] / info["train_seconds"]})
+        print("\n## Drafter training throughput (1 epoch, loss tokens = assistant tokens)")
+        print(format_table(train_rows, [("method", "method"), ("loss_tokens", "loss tokens"), ("seconds", "s"),
+                                        ("tok_s", "loss tok/s")]))
+
+
+if __name__ == "__main__":
+    main()
