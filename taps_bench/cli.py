@@ -196,7 +196,12 @@ _TABLE = [("arm", "arm"), ("samples", "samples"), ("new_tokens", "tokens"), ("ta
 
 
 @cli.command()
-@click.option("--drafter", required=True, help="Drafter name (resolved for the target) or a checkpoint directory.")
+@click.option("--drafter", default=None, help="Drafter name (resolved for the target) or a checkpoint directory.")
+@click.option("--combiner", default=None, help="Combine several drafters (see `taps-bench list combiners`).")
+@click.option("--drafters", default=None, help="Comma-separated drafters for --combiner.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="average: alpha * A + (1 - alpha) * B.")
+@click.option("--granularity", default="step", show_default=True, help="confidence/entropy routing: step or prompt.")
+@click.option("--budget", default="full", show_default=True, help="merged-tree: full (each keeps its tree) or equal.")
 @click.option("--total-tokens", type=int, default=None, help="Tree size incl. root; default from the target card.")
 @click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels).")
 @click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
@@ -204,36 +209,37 @@ _TABLE = [("arm", "arm"), ("samples", "samples"), ("new_tokens", "tokens"), ("ta
 @click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
 @_common
 @click.pass_obj
-def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None, top_k: int | None,
+def run(obj: Context, drafter: str | None, combiner: str | None, drafters: str | None, alpha: float,
+        granularity: str, budget: str, total_tokens: int | None, depth: int | None, top_k: int | None,
         allow_pickle: bool, no_build: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
-    """Measure a drafter against its target: speculative and autoregressive arms on the same prompts."""
+    """Measure a drafter (or a combiner of drafters) against its target: speculative and autoregressive arms on the
+    same prompts."""
     from taps_bench.metrics import speedup, summarize
     from taps_bench.proposer import Autoregressive
     from taps_bench.report import format_table
-    from taps_bench.resolve import check_drafter, eagle_proposer, load_for_target, tree_settings
+    from taps_bench.resolve import ProposerSpec, build_proposer, tree_settings
     from taps_bench.runner import Arm, run_arm
 
-    p = _prepare(obj, **kw, check=lambda card: check_drafter(obj.registry, drafter, card, allow_pickle,
-                                                             build=not no_build))
+    spec_in = ProposerSpec(drafter=drafter, combiner=combiner, alpha=alpha, granularity=granularity, budget=budget,
+                           drafters=tuple(d.strip() for d in (drafters or "").split(",") if d.strip()))
+    p = _prepare(obj, **kw, check=lambda card: spec_in.check(obj.registry, card, allow_pickle, build=not no_build))
     target, data_hash, prov = _load(p)
     tree = tree_settings(target, total_tokens, depth, top_k)
-    resolved = load_for_target(obj.registry, drafter, target, allow_pickle, build=not no_build,
-                               data_dir=p["data_dir"],
-                               show_progress=not no_progress)
-    proposer, settings = eagle_proposer(resolved, target, tree)
+    proposer, label, settings = build_proposer(obj.registry, spec_in, target, tree, allow_pickle, not no_build,
+                                               p["data_dir"], show_progress=not no_progress)
     store, examples = p["store"], p["examples"]
 
     base_id = run_arm(store, target, p["task"], examples, Autoregressive(), _baseline_arm(p), data_hash, prov,
                       show_progress=not no_progress)
     reference = store.done(base_id)
-    arm = Arm(kind="speculative", proposer=resolved.name, sampling=p["sampling"],
+    arm = Arm(kind="speculative", proposer=label, sampling=p["sampling"],
               max_new_tokens=p["max_new_tokens"], settings=settings)
     spec_id = run_arm(store, target, p["task"], examples, proposer, arm, data_hash, prov, reference=reference,
                       show_progress=not no_progress)
     base = _only(store.samples(base_id), examples)
     spec = _only(store.samples(spec_id), examples)
     sb, ss, sp = summarize(base), summarize(spec), speedup(spec, base)
-    click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(resolved.name, ss)], _TABLE))
+    click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(label, ss)], _TABLE))
     depth_rows = [{"depth": d["depth"], "conditional": d["conditional"], "unconditional": d["unconditional"]}
                   for d in ss["acceptance_by_depth"]]
     click.echo(format_table(depth_rows, [("depth", "depth"), ("conditional", "accept | reached"),
@@ -241,7 +247,11 @@ def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None,
     click.echo(f"speedup {_fmt(sp['ratio_of_sums'])}x (ratio of sums; mean of per-question ratios "
                f"{_fmt(sp['mean_of_ratios'])}x)   lossless {_fmt(ss['lossless_rate'])}   tree {tree.total_tokens}/"
                f"{tree.depth}/{tree.top_k}")
-    result = {"run_id": spec_id, "baseline_run_id": base_id, "target": target.name, "drafter": resolved.name,
+    decisions = _decisions(spec)
+    if decisions:
+        click.echo("routing / accepted-node share: " + ", ".join(f"{k} {v:.1%}" for k, v in decisions.items()))
+    result = {"run_id": spec_id, "baseline_run_id": base_id, "target": target.name, "drafter": label,
+              "combiner": combiner, "drafters": list(spec_in.names()), "decisions": decisions,
               "task": p["task"].name, "temperature": p["sampling"].temperature, "n_samples": ss["n_samples"],
               "tau": ss["tau"], "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
               "speedup_mean_of_ratios": sp["mean_of_ratios"], "tokens_per_s": ss["tokens_per_s"],
@@ -249,7 +259,7 @@ def run(obj: Context, drafter: str, total_tokens: int | None, depth: int | None,
               "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
               "acceptance_by_depth": ss["acceptance_by_depth"], "acceptance_histogram": ss["acceptance_histogram"],
               "time_split_s": {k: ss[k] for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")},
-              "tree": tree.model_dump(), "drafter_checkpoint": resolved.checkpoint,
+              "tree": tree.model_dump(), "proposer_settings": settings, "mean_tree_size": ss["mean_tree_size"],
               "device": str(target.device), "dtype": prov["dtype"], "db": _shown(store)}
     if as_json:
         click.echo(json.dumps(result, default=str))
@@ -325,6 +335,16 @@ def train(obj: Context, recipe: str | None, target: str | None, corpus: str | No
 
         click.echo(json.dumps({"name": spec.name, "target": tgt.name, "path": str(out),
                                "training": yaml.safe_load((out / "card.yaml").read_text())["training"]}))
+
+
+def _decisions(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of steps per drafter, pooled over samples (routing decisions, or merged-tree accepted subtrees)."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        for name in (s.get("extra") or {}).get("choices", []):
+            counts[name] = counts.get(name, 0) + 1
+    total = sum(counts.values())
+    return {k: v / total for k, v in sorted(counts.items())} if total else {}
 
 
 def _shown(store: Any) -> str:

@@ -120,3 +120,63 @@ def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings
     settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
                 "tree": tree.model_dump()}
     return EagleProposer(resolved.drafter, target.model, tree, name=resolved.name), settings
+
+
+@dataclass
+class ProposerSpec:
+    """What `run` was asked for: one drafter, or a combiner over several."""
+
+    drafter: str | None = None
+    combiner: str | None = None
+    drafters: tuple[str, ...] = ()
+    alpha: float = 0.5
+    granularity: str = "step"
+    budget: str = "full"
+
+    def names(self) -> tuple[str, ...]:
+        return (self.drafter,) if self.drafter else self.drafters
+
+    def check(self, reg: Registry, target: TargetCard, allow_pickle: bool, build: bool) -> None:
+        if bool(self.drafter) == bool(self.combiner):
+            raise UserError("pass either --drafter NAME or --combiner NAME --drafters a,b")
+        if self.combiner:
+            reg.combiner(self.combiner)
+            if len(self.drafters) < 2:
+                raise UserError(f"--combiner {self.combiner} needs --drafters a,b with at least two drafters")
+            if self.combiner == "average" and len(self.drafters) != 2:
+                raise UserError("--combiner average takes exactly two drafters (alpha * A + (1 - alpha) * B)")
+            if self.combiner == "average" and not 0 <= self.alpha <= 1:
+                raise UserError(f"--alpha must be in [0, 1] (got {self.alpha})")
+            if self.granularity not in ("step", "prompt"):
+                raise UserError(f"--granularity must be step or prompt (got {self.granularity})")
+            if self.budget not in ("full", "equal"):
+                raise UserError(f"--budget must be full or equal (got {self.budget})")
+        for name in self.names():
+            check_drafter(reg, name, target, allow_pickle, build=build)
+
+
+def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: TreeSettings, allow_pickle: bool = False,
+                   build: bool = True, data_dir: Path | None = None,
+                   show_progress: bool = True) -> tuple[Any, str, dict[str, Any]]:
+    """(proposer, label stored with the run, settings that identify it)."""
+    resolved = [load_for_target(reg, n, target, allow_pickle, build, data_dir, show_progress) for n in spec.names()]
+    checkpoints = {r.name: {"checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256} for r in resolved}
+    if spec.drafter:
+        proposer, settings = eagle_proposer(resolved[0], target, tree)
+        return proposer, resolved[0].name, settings
+    combiner = reg.combiner(spec.combiner or "")
+    pairs = [(r.name, r.drafter) for r in resolved]
+    names = ",".join(r.name for r in resolved)
+    settings: dict[str, Any] = {"combiner": spec.combiner, "drafters": checkpoints, "tree": tree.model_dump()}
+    if spec.combiner == "average":
+        merged = combiner.merge(resolved[0].drafter, resolved[1].drafter, spec.alpha)
+        label = f"average({names};alpha={spec.alpha:g})"
+        settings["alpha"] = spec.alpha
+        return EagleProposer(merged, target.model, tree, name=label), label, settings
+    if spec.combiner == "merged-tree":
+        proposer = combiner(pairs, target.model, tree, budget=spec.budget)
+        settings["budget"] = spec.budget
+    else:
+        proposer = combiner(pairs, target.model, tree, granularity=spec.granularity)
+        settings["granularity"] = spec.granularity
+    return proposer, proposer.name, settings
