@@ -214,11 +214,7 @@ def run(obj: Context, drafter: str | None, combiner: str | None, drafters: str |
         allow_pickle: bool, no_build: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
     """Measure a drafter (or a combiner of drafters) against its target: speculative and autoregressive arms on the
     same prompts."""
-    from taps_bench.metrics import speedup, summarize
-    from taps_bench.proposer import Autoregressive
-    from taps_bench.report import format_table
     from taps_bench.resolve import ProposerSpec, build_proposer, tree_settings
-    from taps_bench.runner import Arm, run_arm
 
     spec_in = ProposerSpec(drafter=drafter, combiner=combiner, alpha=alpha, granularity=granularity, budget=budget,
                            drafters=tuple(d.strip() for d in (drafters or "").split(",") if d.strip()))
@@ -227,42 +223,88 @@ def run(obj: Context, drafter: str | None, combiner: str | None, drafters: str |
     tree = tree_settings(target, total_tokens, depth, top_k)
     proposer, label, settings = build_proposer(obj.registry, spec_in, target, tree, allow_pickle, not no_build,
                                                p["data_dir"], show_progress=not no_progress)
-    store, examples = p["store"], p["examples"]
-
-    base_id = run_arm(store, target, p["task"], examples, Autoregressive(), _baseline_arm(p), data_hash, prov,
-                      show_progress=not no_progress)
-    reference = store.done(base_id)
-    arm = Arm(kind="speculative", proposer=label, sampling=p["sampling"],
-              max_new_tokens=p["max_new_tokens"], settings=settings)
-    spec_id = run_arm(store, target, p["task"], examples, proposer, arm, data_hash, prov, reference=reference,
-                      show_progress=not no_progress)
-    base = _only(store.samples(base_id), examples)
-    spec = _only(store.samples(spec_id), examples)
-    sb, ss, sp = summarize(base), summarize(spec), speedup(spec, base)
-    click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(label, ss)], _TABLE))
-    depth_rows = [{"depth": d["depth"], "conditional": d["conditional"], "unconditional": d["unconditional"]}
-                  for d in ss["acceptance_by_depth"]]
-    click.echo(format_table(depth_rows, [("depth", "depth"), ("conditional", "accept | reached"),
-                                         ("unconditional", "accept / steps")]))
-    click.echo(f"speedup {_fmt(sp['ratio_of_sums'])}x (ratio of sums; mean of per-question ratios "
-               f"{_fmt(sp['mean_of_ratios'])}x)   lossless {_fmt(ss['lossless_rate'])}   tree {tree.total_tokens}/"
-               f"{tree.depth}/{tree.top_k}")
-    decisions = _decisions(spec)
-    if decisions:
-        click.echo("routing / accepted-node share: " + ", ".join(f"{k} {v:.1%}" for k, v in decisions.items()))
-    result = {"run_id": spec_id, "baseline_run_id": base_id, "target": target.name, "drafter": label,
-              "combiner": combiner, "drafters": list(spec_in.names()), "decisions": decisions,
-              "task": p["task"].name, "temperature": p["sampling"].temperature, "n_samples": ss["n_samples"],
-              "tau": ss["tau"], "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
-              "speedup_mean_of_ratios": sp["mean_of_ratios"], "tokens_per_s": ss["tokens_per_s"],
-              "baseline_tokens_per_s": sb["tokens_per_s"], "lossless_rate": ss["lossless_rate"],
-              "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
-              "acceptance_by_depth": ss["acceptance_by_depth"], "acceptance_histogram": ss["acceptance_histogram"],
-              "time_split_s": {k: ss[k] for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")},
-              "tree": tree.model_dump(), "proposer_settings": settings, "mean_tree_size": ss["mean_tree_size"],
-              "device": str(target.device), "dtype": prov["dtype"], "db": _shown(store)}
+    result = measure(p, target, data_hash, prov, proposer, label, settings, not no_progress)
+    result |= {"combiner": combiner, "drafters": list(spec_in.names()), "tree": tree.model_dump()}
     if as_json:
         click.echo(json.dumps(result, default=str))
+
+
+def measure(p: dict[str, Any], target: Any, data_hash: str, prov: dict[str, Any], proposer: Any, label: str,
+            settings: dict[str, Any], progress: bool, echo: bool = True) -> dict[str, Any]:
+    """Both arms on the same prompts (the baseline reused when stored), printed and returned as one result."""
+    from taps_bench.metrics import speedup, summarize
+    from taps_bench.proposer import Autoregressive
+    from taps_bench.report import format_table
+    from taps_bench.runner import Arm, run_arm
+
+    store, examples, task = p["store"], p["examples"], p["task"]
+    base_id = run_arm(store, target, task, examples, Autoregressive(), _baseline_arm(p), data_hash, prov,
+                      show_progress=progress)
+    arm = Arm(kind="speculative", proposer=label, sampling=p["sampling"], max_new_tokens=p["max_new_tokens"],
+              settings=settings)
+    spec_id = run_arm(store, target, task, examples, proposer, arm, data_hash, prov, reference=store.done(base_id),
+                      show_progress=progress)
+    base, spec = _only(store.samples(base_id), examples), _only(store.samples(spec_id), examples)
+    sb, ss, sp = summarize(base), summarize(spec), speedup(spec, base)
+    decisions = _decisions(spec)
+    if echo:
+        click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(label, ss)], _TABLE))
+        depth_rows = [{"depth": d["depth"], "conditional": d["conditional"], "unconditional": d["unconditional"]}
+                      for d in ss["acceptance_by_depth"]]
+        click.echo(format_table(depth_rows, [("depth", "depth"), ("conditional", "accept | reached"),
+                                             ("unconditional", "accept / steps")]))
+        click.echo(f"speedup {_fmt(sp['ratio_of_sums'])}x (ratio of sums; mean of per-question ratios "
+                   f"{_fmt(sp['mean_of_ratios'])}x)   lossless {_fmt(ss['lossless_rate'])}   mean tree "
+                   f"{_fmt(ss['mean_tree_size'])} nodes")
+        if decisions:
+            click.echo("routing / accepted-subtree share: " + ", ".join(f"{k} {v:.1%}" for k, v in decisions.items()))
+    return {"run_id": spec_id, "baseline_run_id": base_id, "target": target.name, "drafter": label,
+            "decisions": decisions, "task": task.name, "temperature": p["sampling"].temperature,
+            "n_samples": ss["n_samples"], "tau": ss["tau"], "tau_macro": ss["tau_macro"],
+            "speedup": sp["ratio_of_sums"], "speedup_mean_of_ratios": sp["mean_of_ratios"],
+            "tokens_per_s": ss["tokens_per_s"], "baseline_tokens_per_s": sb["tokens_per_s"],
+            "lossless_rate": ss["lossless_rate"], "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
+            "acceptance_by_depth": ss["acceptance_by_depth"], "acceptance_histogram": ss["acceptance_histogram"],
+            "time_split_s": {k: ss[k] for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")},
+            "mean_tree_size": ss["mean_tree_size"], "proposer_settings": settings, "device": str(target.device),
+            "dtype": prov["dtype"], "db": _shown(store)}
+
+
+@cli.command("sweep-alpha")
+@click.option("--drafters", required=True, help="Two drafters a,b: alpha * a + (1 - alpha) * b.")
+@click.option("--alphas", default="0,0.25,0.5,0.75,1", show_default=True, help="Comma-separated alphas in [0, 1].")
+@click.option("--total-tokens", type=int, default=None)
+@click.option("--depth", type=int, default=None)
+@click.option("--top-k", type=int, default=None)
+@_common
+@click.pass_obj
+def sweep_alpha(obj: Context, drafters: str, alphas: str, total_tokens: int | None, depth: int | None,
+                top_k: int | None, as_json: bool, no_progress: bool, **kw: Any) -> None:
+    """The weight-averaging curve: tau and speedup of alpha * A + (1 - alpha) * B for each alpha."""
+    from taps_bench.report import format_table
+    from taps_bench.resolve import ProposerSpec, build_proposer, tree_settings
+
+    try:
+        values = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        raise UserError(f"--alphas must be comma-separated numbers (got {alphas})") from None
+    names = tuple(d.strip() for d in drafters.split(",") if d.strip())
+    specs = [ProposerSpec(combiner="average", drafters=names, alpha=a) for a in values]
+    p = _prepare(obj, **kw, check=lambda card: [s.check(obj.registry, card, False, True) for s in specs])
+    target, data_hash, prov = _load(p)
+    tree = tree_settings(target, total_tokens, depth, top_k)
+    rows = []
+    for spec_in in specs:
+        proposer, label, settings = build_proposer(obj.registry, spec_in, target, tree, data_dir=p["data_dir"],
+                                                   show_progress=not no_progress)
+        r = measure(p, target, data_hash, prov, proposer, label, settings, not no_progress, echo=False)
+        rows.append({"alpha": spec_in.alpha, "tau": r["tau"], "speedup": r["speedup"],
+                     "lossless_rate": r["lossless_rate"], "accuracy": r["accuracy"], "run_id": r["run_id"]})
+    click.echo(format_table(rows, [("alpha", "alpha"), ("tau", "tau"), ("speedup", "speedup"),
+                                   ("lossless_rate", "lossless"), ("accuracy", "accuracy"), ("run_id", "run")]))
+    if as_json:
+        click.echo(json.dumps({"target": target.name, "task": p["task"].name, "drafters": list(names),
+                               "tree": tree.model_dump(), "curve": rows}))
 
 
 @cli.command()
