@@ -68,6 +68,8 @@ class _Multi:
         if len(drafters) < 2:
             raise UserError("a combiner needs at least two drafters (--drafters a,b)")
         self.names = [n for n, _ in drafters]
+        if len(set(self.names)) != len(self.names):
+            raise UserError(f"a combiner's drafters need distinct names (got {', '.join(self.names)})")
         self.proposers = [EagleProposer(d, target_model, tree, name=n) for n, d in drafters]
         self.stats = NodeStats(self.names)
         self.choices: list[int] = []

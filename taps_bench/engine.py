@@ -205,12 +205,12 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
 
     reason = "stop_token" if root in stops else ("max_new_tokens" if max_new_tokens <= 1 else "")
     while not reason:
+        if context + 1 > max_context:  # checked before drafting: a tree that cannot be verified is never drafted
+            reason = "context"
+            break
         t0 = _sync(device)
         tree = proposer.propose(committed.cpu(), committed_hidden, root)
         t1 = _sync(device)
-        if context + 1 > max_context:
-            reason = "context"
-            break
         if context + tree.size > max_context:  # near the limit, verify what fits (parents precede children)
             tree = prefix(tree, max_context - context)
         hidden, logits = verify(model, tree, cache, context)

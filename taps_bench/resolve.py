@@ -160,7 +160,12 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
                    show_progress: bool = True) -> tuple[Any, str, dict[str, Any]]:
     """(proposer, label stored with the run, settings that identify it)."""
     resolved = [load_for_target(reg, n, target, allow_pickle, build, data_dir, show_progress) for n in spec.names()]
-    checkpoints = {r.name: {"checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256} for r in resolved}
+    seen: dict[str, int] = {}
+    for r in resolved:  # two checkpoint directories may share a last path component ("runs/x/final", "runs/y/final")
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}#{seen[r.name]}"
+    checkpoints = [{"name": r.name, "checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256} for r in resolved]
     if spec.drafter:
         proposer, settings = eagle_proposer(resolved[0], target, tree)
         return proposer, resolved[0].name, settings

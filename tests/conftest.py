@@ -40,6 +40,16 @@ def tiny_target(family: str = "llama", seed: int = 0, vocab: int = 97, hidden: i
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all overhead: one thread is several times faster than two on a busy 2-core machine.
+    Modules of tiny-model tests opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():

@@ -16,13 +16,7 @@ from taps_bench.tree import DraftTree, path_to
 TASKS = ("mt-bench", "gsm8k", "math500", "svamp")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead: one thread is several times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_prompt(seed: int, vocab: int, length: int = 9) -> list[int]:

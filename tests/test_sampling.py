@@ -28,14 +28,7 @@ from taps_bench.errors import UserError
 from taps_bench.sampling import Sampling, draw, probabilities, select
 from taps_bench.tree import DraftTree, children_of, path_to
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead: one thread is several times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- probabilities ---------------------------------------------------------------------------------------------

@@ -23,13 +23,7 @@ SHAPES = [TreeSettings(total_tokens=8, depth=3, top_k=2), TreeSettings(total_tok
           TreeSettings(total_tokens=6, depth=5, top_k=1), TreeSettings(total_tokens=60, depth=5, top_k=10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead: one thread is several times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_prompt(seed: int, vocab: int, length: int = 9) -> list[int]:
