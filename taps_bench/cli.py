@@ -207,11 +207,14 @@ _TABLE = [("arm", "arm"), ("samples", "samples"), ("new_tokens", "tokens"), ("ta
 @click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
 @click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
+@click.option("--no-baseline", is_flag=True,
+              help="Decode only the speculative arm (tau, acceptance); speedup and the lossless check use whatever "
+                   "baseline samples are already stored.")
 @_common
 @click.pass_obj
 def run(obj: Context, drafter: str | None, combiner: str | None, drafters: str | None, alpha: float,
         granularity: str, budget: str, total_tokens: int | None, depth: int | None, top_k: int | None,
-        allow_pickle: bool, no_build: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
+        allow_pickle: bool, no_build: bool, no_baseline: bool, as_json: bool, no_progress: bool, **kw: Any) -> None:
     """Measure a drafter (or a combiner of drafters) against its target: speculative and autoregressive arms on the
     same prompts."""
     from taps_bench.resolve import ProposerSpec, build_proposer, tree_settings
@@ -223,29 +226,32 @@ def run(obj: Context, drafter: str | None, combiner: str | None, drafters: str |
     tree = tree_settings(target, total_tokens, depth, top_k)
     proposer, label, settings = build_proposer(obj.registry, spec_in, target, tree, allow_pickle, not no_build,
                                                p["data_dir"], show_progress=not no_progress)
-    result = measure(p, target, data_hash, prov, proposer, label, settings, not no_progress)
+    result = measure(p, target, data_hash, prov, proposer, label, settings, not no_progress, baseline=not no_baseline)
     result |= {"combiner": combiner, "drafters": list(spec_in.names()), "tree": tree.model_dump()}
     if as_json:
         click.echo(json.dumps(result, default=str))
 
 
 def measure(p: dict[str, Any], target: Any, data_hash: str, prov: dict[str, Any], proposer: Any, label: str,
-            settings: dict[str, Any], progress: bool, echo: bool = True) -> dict[str, Any]:
-    """Both arms on the same prompts (the baseline reused when stored), printed and returned as one result."""
-    from taps_bench.metrics import speedup, summarize
+            settings: dict[str, Any], progress: bool, echo: bool = True, baseline: bool = True) -> dict[str, Any]:
+    """Both arms on the same prompts (the baseline reused when stored), printed and returned as one result.
+    With baseline=False only stored baseline samples are used (none are decoded)."""
+    from taps_bench.metrics import compare_outputs, speedup, summarize
     from taps_bench.proposer import Autoregressive
     from taps_bench.report import format_table
     from taps_bench.runner import Arm, run_arm
 
     store, examples, task = p["store"], p["examples"], p["task"]
-    base_id = run_arm(store, target, task, examples, Autoregressive(), _baseline_arm(p), data_hash, prov,
-                      show_progress=progress)
+    base_id = run_arm(store, target, task, examples if baseline else [], Autoregressive(), _baseline_arm(p),
+                      data_hash, prov, show_progress=progress)
     arm = Arm(kind="speculative", proposer=label, sampling=p["sampling"], max_new_tokens=p["max_new_tokens"],
               settings=settings)
     spec_id = run_arm(store, target, task, examples, proposer, arm, data_hash, prov, reference=store.done(base_id),
                       show_progress=progress)
     base, spec = _only(store.samples(base_id), examples), _only(store.samples(spec_id), examples)
     sb, ss, sp = summarize(base), summarize(spec), speedup(spec, base)
+    if p["sampling"].greedy:  # compare outputs now: baseline samples may have been stored after the speculative ones
+        ss["lossless_rate"] = compare_outputs(spec, base)["rate"]
     decisions = _decisions(spec)
     if echo:
         click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(label, ss)], _TABLE))

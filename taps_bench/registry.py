@@ -209,4 +209,12 @@ class Registry:
         if kind == "combiner":
             return [(n, (c.__doc__ or "").strip().splitlines()[0] if c.__doc__ else "") for n, c in
                     sorted(self.combiners.items())]
-        return [(n, c.description.strip().splitlines()[0]) for n, c in sorted(self.cards[kind].items())]
+        rows = []
+        for n, c in sorted(self.cards[kind].items()):
+            line = c.description.strip().splitlines()[0]
+            if isinstance(c, DrafterCard):  # where a name resolves: a drafter means a different checkpoint per target
+                where = [f"{t} ({'hub' if e.source and e.source.hub else 'path' if e.source else 'recipe'}"
+                         f"{'' if e.confirmed else ', unconfirmed'})" for t, e in sorted(c.targets.items())]
+                line += f" [{'; '.join(where)}]"
+            rows.append((n, line))
+        return rows

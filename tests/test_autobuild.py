@@ -62,3 +62,13 @@ def test_run_builds_a_missing_drafter_then_reuses_it(include: Path, tmp_path: Pa
 
     assert main(args) == 0  # second time: found in the model store, nothing is built
     assert "building it now" not in capsys.readouterr().err
+
+    # --no-baseline decodes only the speculative arm: tau without speedup or lossless check on a fresh database
+    fresh = [a if a != str(tmp_path / "r.sqlite") else str(tmp_path / "fresh.sqlite") for a in args]
+    assert main([*fresh, "--no-baseline"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tau"] >= 1.0 and result["speedup"] is None and result["lossless_rate"] is None
+    # ... and uses a baseline once one is stored
+    assert main(args) == 0 and main([*args, "--no-baseline"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["speedup"] is not None and result["lossless_rate"] == 1.0
