@@ -107,7 +107,7 @@ def main() -> None:
         tree = tree_settings(target, *shape)
         drafter = (load_for_target(reg, args.drafter, target).drafter if args.drafter
                    else random_drafter(target.model.config))
-        proposer = EagleProposer(drafter, target.model, tree)
+        proposer = EagleProposer(drafter, target.model, tree, head_dtype=target.card.draft_head_dtype)
         tot = {"draft": 0.0, "verify": 0.0, "prefill": 0.0, "total": 0.0, "steps": 0, "tokens": 0}
         for ids in prompts:
             c = generate(target.model, ids, proposer, greedy, args.max_new_tokens, target.stop_ids).counters

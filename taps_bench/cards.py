@@ -69,6 +69,9 @@ class TargetCard(Card):
     chat_template_kwargs: dict[str, object] = Field(default_factory=dict)
     stop_tokens: list[str] = Field(default_factory=list)
     tree: TreeSettings = TreeSettings()
+    # Precision of the lm_head the drafter reads while drafting (never the target's verification): see
+    # drafter.vocab_head. "auto" uses bfloat16 where the hardware has bf16 matrix units.
+    draft_head_dtype: Literal["target", "auto", "float32", "bfloat16"] = "target"
     default_on: Literal["cpu", "cuda"] | None = None  # the default target on machines of this kind
     license: str | None = None
 

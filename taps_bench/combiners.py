@@ -64,13 +64,14 @@ class NodeStats:
 class _Multi:
     """Shared plumbing: K EAGLE-2 proposers over the same target, all fed the same committed tokens."""
 
-    def __init__(self, drafters: list[tuple[str, Drafter]], target_model: Any, tree: TreeSettings) -> None:
+    def __init__(self, drafters: list[tuple[str, Drafter]], target_model: Any, tree: TreeSettings,
+                 head_dtype: str = "target") -> None:
         if len(drafters) < 2:
             raise UserError("a combiner needs at least two drafters (--drafters a,b)")
         self.names = [n for n, _ in drafters]
         if len(set(self.names)) != len(self.names):
             raise UserError(f"a combiner's drafters need distinct names (got {', '.join(self.names)})")
-        self.proposers = [EagleProposer(d, target_model, tree, name=n) for n, d in drafters]
+        self.proposers = [EagleProposer(d, target_model, tree, name=n, head_dtype=head_dtype) for n, d in drafters]
         self.stats = NodeStats(self.names)
         self.choices: list[int] = []
 
@@ -92,8 +93,8 @@ class Routed(_Multi):
     higher_is_better = True
 
     def __init__(self, drafters: list[tuple[str, Drafter]], target_model: Any, tree: TreeSettings,
-                 granularity: str = "step") -> None:
-        super().__init__(drafters, target_model, tree)
+                 granularity: str = "step", head_dtype: str = "target") -> None:
+        super().__init__(drafters, target_model, tree, head_dtype)
         if granularity not in ("step", "prompt"):
             raise UserError(f"--granularity must be step or prompt (got {granularity})")
         self.granularity = granularity
@@ -174,13 +175,13 @@ class MergedTree(_Multi):
     """Verify every drafter's tree at once under a shared root (budget=full: the paper's; equal: total split)."""
 
     def __init__(self, drafters: list[tuple[str, Drafter]], target_model: Any, tree: TreeSettings,
-                 budget: str = "full") -> None:
+                 budget: str = "full", head_dtype: str = "target") -> None:
         if budget not in ("full", "equal"):
             raise UserError(f"--budget must be full or equal (got {budget})")
         if budget == "equal":  # the root is shared: split the drafted nodes, keep at least one each
             per = max(2, 1 + (tree.total_tokens - 1) // len(drafters))
             tree = TreeSettings(total_tokens=per, depth=tree.depth, top_k=tree.top_k)
-        super().__init__(drafters, target_model, tree)
+        super().__init__(drafters, target_model, tree, head_dtype)
         self.budget = budget
         self.name = f"merged-tree-{budget}({','.join(self.names)})"
 

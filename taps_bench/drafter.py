@@ -11,6 +11,7 @@ there is no final norm and no lm_head: the target's embedding and lm_head are us
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,39 @@ class Drafter(nn.Module):
 
     def state_for_saving(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.")}
+
+
+def has_bf16_matmul() -> bool:
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def vocab_head(lm_head: nn.Module, dtype: str) -> Callable[[Tensor], Tensor]:
+    """The target's frozen lm_head as a function returning float32 logits, in the requested precision:
+    "target" (its own dtype, no copy), "float32", "bfloat16", or "auto" (bfloat16 where the hardware has bf16 matrix
+    units, else the target's own).
+
+    The drafter reads the target's 49152 x 576 (SmolLM2) lm_head at every draft level and training step; on a CPU
+    that is memory-bound, and a bfloat16 copy is 2.8-4.7x faster where the CPU has bf16 units. Only proposals and
+    training losses use it: the target verifies in its own dtype, so decoding stays lossless."""
+    if dtype == "auto":
+        dtype = "bfloat16" if has_bf16_matmul() else "target"
+    own = lm_head.weight.dtype
+    if dtype == "target" or DTYPE_NAMES.get(dtype) == own:
+        return lambda h: lm_head(h.to(own)).float()
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown head dtype '{dtype}'; use target, auto, float32 or bfloat16")
+    dt = DTYPE_NAMES[dtype]
+    weight = lm_head.weight.detach().to(dt)
+    return lambda h: F.linear(h.to(dt), weight).float()
+
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # -- checkpoint format -----------------------------------------------------------------------------------------

@@ -16,19 +16,20 @@ import torch
 from torch import Tensor
 
 from taps_bench.cards import TreeSettings
-from taps_bench.drafter import KV, Drafter
+from taps_bench.drafter import KV, Drafter, vocab_head
 from taps_bench.tree import DraftTree
 
 
 class EagleProposer:
     """Proposes EAGLE-2 trees; its own KV cache holds only accepted context between calls."""
 
-    def __init__(self, drafter: Drafter, target_model: Any, tree: TreeSettings, name: str = "drafter") -> None:
+    def __init__(self, drafter: Drafter, target_model: Any, tree: TreeSettings, name: str = "drafter",
+                 head_dtype: str = "target") -> None:
         self.name = name
         device = target_model.lm_head.weight.device
         self.drafter = drafter.to(device=device, dtype=target_model.lm_head.weight.dtype)
         self.embed = target_model.get_input_embeddings()
-        self.lm_head = target_model.lm_head
+        self.lm_head = vocab_head(target_model.lm_head, head_dtype)
         self.settings = tree
         self.device = device
         self.kv: KV | None = None

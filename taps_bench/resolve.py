@@ -118,8 +118,9 @@ def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings
                                                                                           dict[str, Any]]:
     """The single-drafter proposer and the settings that identify it in the store."""
     settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
-                "tree": tree.model_dump()}
-    return EagleProposer(resolved.drafter, target.model, tree, name=resolved.name), settings
+                "tree": tree.model_dump(), "draft_head_dtype": target.card.draft_head_dtype}
+    return EagleProposer(resolved.drafter, target.model, tree, name=resolved.name,
+                         head_dtype=target.card.draft_head_dtype), settings
 
 
 @dataclass
@@ -172,16 +173,18 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
     combiner = reg.combiner(spec.combiner or "")
     pairs = [(r.name, r.drafter) for r in resolved]
     names = ",".join(r.name for r in resolved)
-    settings: dict[str, Any] = {"combiner": spec.combiner, "drafters": checkpoints, "tree": tree.model_dump()}
+    head = target.card.draft_head_dtype
+    settings: dict[str, Any] = {"combiner": spec.combiner, "drafters": checkpoints, "tree": tree.model_dump(),
+                                "draft_head_dtype": head}
     if spec.combiner == "average":
         merged = combiner.merge(resolved[0].drafter, resolved[1].drafter, spec.alpha)
         label = f"average({names};alpha={spec.alpha:g})"
         settings["alpha"] = spec.alpha
-        return EagleProposer(merged, target.model, tree, name=label), label, settings
+        return EagleProposer(merged, target.model, tree, name=label, head_dtype=head), label, settings
     if spec.combiner == "merged-tree":
-        proposer = combiner(pairs, target.model, tree, budget=spec.budget)
+        proposer = combiner(pairs, target.model, tree, budget=spec.budget, head_dtype=head)
         settings["budget"] = spec.budget
     else:
-        proposer = combiner(pairs, target.model, tree, granularity=spec.granularity)
+        proposer = combiner(pairs, target.model, tree, granularity=spec.granularity, head_dtype=head)
         settings["granularity"] = spec.granularity
     return proposer, proposer.name, settings

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from taps_bench.drafter import KV, Drafter, random_drafter, save_drafter
+from taps_bench.drafter import KV, Drafter, random_drafter, save_drafter, vocab_head
 from taps_bench.errors import UserError
 from taps_bench.features import Sequence
 
@@ -111,23 +111,6 @@ def make_batch(seqs: list[Sequence]) -> Batch:
         n = s.ids.numel()
         ids[i, :n], hidden[i, :n], mask[i, :n] = s.ids, s.hidden.float(), s.mask.float()
     return Batch(ids=ids, hidden=hidden, weight=mask[:, 1:])
-
-
-def has_bf16_matmul() -> bool:
-    if torch.cuda.is_available():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def vocab_head(lm_head: nn.Module, dtype: str) -> Callable[[Tensor], Tensor]:
-    """The target's frozen lm_head as a function, in the requested precision, returning float32 logits."""
-    dt = torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and has_bf16_matmul()) else torch.float32
-    weight = lm_head.weight.detach().to(dt)
-    return lambda h: F.linear(h.to(dt), weight).float()
 
 
 def batch_losses(drafter: Drafter, embed: nn.Module, lm_head: Callable[[Tensor], Tensor], batch: Batch,
