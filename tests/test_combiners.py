@@ -17,7 +17,7 @@ import torch
 from conftest import DATA, tiny_target
 from test_speculative import check_counters
 
-from taps_bench.cards import TreeSettings
+from taps_bench.cards import TargetCard, TreeSettings
 from taps_bench.cli import main
 from taps_bench.combiners import (
     Average,
@@ -568,7 +568,9 @@ def tiny_checkpoints(tmp_path: Path) -> tuple[Any, list[Path]]:
     for i, where in enumerate(["one/drafter-a", "two/drafter-b", "three/drafter-a"]):
         save_drafter(random_drafter(model.config, i, std=0.5), tmp_path / where)
         dirs.append(tmp_path / where)
-    return SimpleNamespace(model=model, name="tiny"), dirs
+    card = TargetCard.model_validate({"name": "tiny", "description": "a tiny random test target", "family": "llama",
+                                      "source": {"path": "/nonexistent"}})
+    return SimpleNamespace(model=model, name="tiny", card=card), dirs
 
 
 @pytest.mark.parametrize(("combiner", "options", "label", "setting"),

@@ -318,3 +318,16 @@ def test_oracle_on_smollm(smollm, smollm_ar, text):
     c = out.counters
     assert all(a == 4 for a in c.accept_lengths[:-1])  # the last tree may reach past the end of the truth
     check_counters(c, out.output_ids, 32)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bfloat16_draft_head_stays_lossless(family: str) -> None:
+    """Drafting through a bfloat16 copy of the lm_head changes proposals only: the float32 target still decides."""
+    model = tiny_target(family, seed=5, vocab=97, hidden=64)
+    drafter = random_drafter(model.config, seed=2, std=0.3)
+    for seed in range(3):
+        prompt = random_prompt(seed, 97)
+        base = generate(model, prompt, Autoregressive(), Sampling(), 40, ())
+        spec = generate(model, prompt, EagleProposer(drafter, model, TreeSettings(total_tokens=12, depth=3, top_k=3),
+                                                     head_dtype="bfloat16"), Sampling(), 40, ())
+        assert spec.output_ids == base.output_ids
