@@ -681,7 +681,7 @@ def test_run_combiner_end_to_end(capsys, cli_env, smollm_drafters, combiner, ext
     assert result["drafter"] == label
     assert result["combiner"] == combiner
     assert result["drafters"] == [str(d1), str(d2)]
-    assert set(result["proposer_settings"]["drafters"]) == {"d1", "d2"}
+    assert [d["name"] for d in result["proposer_settings"]["drafters"]] == ["d1", "d2"]
     decisions = result["decisions"]
     samples = Store(f"sqlite:///{db}").samples(result["run_id"])
     assert len(samples) == 1
