@@ -160,12 +160,6 @@ def _summary_rows(label: str, s: dict[str, Any]) -> dict[str, Any]:
             "draft_s": s["draft_s"], "verify_s": s["verify_s"], "overhead_s": s["overhead_s"]}
 
 
-def _only(samples: list[dict[str, Any]], examples: list[Any]) -> list[dict[str, Any]]:
-    """The samples of this invocation's examples (a run may hold more from an earlier, larger --limit)."""
-    wanted = {ex.id for ex in examples}
-    return [s for s in samples if s["example_id"] in wanted]
-
-
 @cli.command()
 @_common
 @click.pass_obj
@@ -174,13 +168,13 @@ def baseline(obj: Context, as_json: bool, no_progress: bool, **kw: Any) -> None:
     from taps_bench.metrics import summarize
     from taps_bench.proposer import Autoregressive
     from taps_bench.report import format_table
-    from taps_bench.runner import run_arm
+    from taps_bench.runner import only, run_arm
 
     p = _prepare(obj, **kw)
     target, data_hash, prov = _load(p)
     run_id = run_arm(p["store"], target, p["task"], p["examples"], Autoregressive(), _baseline_arm(p), data_hash,
                      prov, show_progress=not no_progress)
-    s = summarize(_only(p["store"].samples(run_id), p["examples"]))
+    s = summarize(only(p["store"].samples(run_id), p["examples"]))
     click.echo(format_table([_summary_rows("autoregressive", s)], _TABLE))
     result = {"run_id": run_id, "target": target.name, "task": p["task"].name,
               "temperature": p["sampling"].temperature, "n_samples": s["n_samples"], "new_tokens": s["new_tokens"],
@@ -234,25 +228,16 @@ def run(obj: Context, drafter: str | None, combiner: str | None, drafters: str |
 
 def measure(p: dict[str, Any], target: Any, data_hash: str, prov: dict[str, Any], proposer: Any, label: str,
             settings: dict[str, Any], progress: bool, echo: bool = True, baseline: bool = True) -> dict[str, Any]:
-    """Both arms on the same prompts (the baseline reused when stored), printed and returned as one result.
-    With baseline=False only stored baseline samples are used (none are decoded)."""
-    from taps_bench.metrics import compare_outputs, speedup, summarize
-    from taps_bench.proposer import Autoregressive
+    """Both arms on the same prompts (see `runner.measure`), printed and returned as one result."""
     from taps_bench.report import format_table
-    from taps_bench.runner import Arm, run_arm
+    from taps_bench.runner import Arm
+    from taps_bench.runner import measure as measure_arms
 
-    store, examples, task = p["store"], p["examples"], p["task"]
-    base_id = run_arm(store, target, task, examples if baseline else [], Autoregressive(), _baseline_arm(p),
-                      data_hash, prov, show_progress=progress)
     arm = Arm(kind="speculative", proposer=label, sampling=p["sampling"], max_new_tokens=p["max_new_tokens"],
               settings=settings)
-    spec_id = run_arm(store, target, task, examples, proposer, arm, data_hash, prov, reference=store.done(base_id),
-                      show_progress=progress)
-    base, spec = _only(store.samples(base_id), examples), _only(store.samples(spec_id), examples)
-    sb, ss, sp = summarize(base), summarize(spec), speedup(spec, base)
-    if p["sampling"].greedy:  # compare outputs now: baseline samples may have been stored after the speculative ones
-        ss["lossless_rate"] = compare_outputs(spec, base)["rate"]
-    decisions = _decisions(spec)
+    m = measure_arms(p["store"], target, p["task"], p["examples"], proposer, arm, data_hash, prov,
+                     baseline=baseline, show_progress=progress)
+    sb, ss, sp, decisions = m.baseline, m.speculative, m.speedup, m.decisions
     if echo:
         click.echo(format_table([_summary_rows("autoregressive", sb), _summary_rows(label, ss)], _TABLE))
         depth_rows = [{"depth": d["depth"], "conditional": d["conditional"], "unconditional": d["unconditional"]}
@@ -264,16 +249,7 @@ def measure(p: dict[str, Any], target: Any, data_hash: str, prov: dict[str, Any]
                    f"{_fmt(ss['mean_tree_size'])} nodes")
         if decisions:
             click.echo("routing / accepted-subtree share: " + ", ".join(f"{k} {v:.1%}" for k, v in decisions.items()))
-    return {"run_id": spec_id, "baseline_run_id": base_id, "target": target.name, "drafter": label,
-            "decisions": decisions, "task": task.name, "temperature": p["sampling"].temperature,
-            "n_samples": ss["n_samples"], "tau": ss["tau"], "tau_macro": ss["tau_macro"],
-            "speedup": sp["ratio_of_sums"], "speedup_mean_of_ratios": sp["mean_of_ratios"],
-            "tokens_per_s": ss["tokens_per_s"], "baseline_tokens_per_s": sb["tokens_per_s"],
-            "lossless_rate": ss["lossless_rate"], "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
-            "acceptance_by_depth": ss["acceptance_by_depth"], "acceptance_histogram": ss["acceptance_histogram"],
-            "time_split_s": {k: ss[k] for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")},
-            "mean_tree_size": ss["mean_tree_size"], "proposer_settings": settings, "device": str(target.device),
-            "dtype": prov["dtype"], "db": _shown(store)}
+    return m.result(target, prov) | {"db": _shown(p["store"])}
 
 
 @cli.command("sweep-alpha")
@@ -383,16 +359,6 @@ def train(obj: Context, recipe: str | None, target: str | None, corpus: str | No
 
         click.echo(json.dumps({"name": spec.name, "target": tgt.name, "path": str(out),
                                "training": yaml.safe_load((out / "card.yaml").read_text())["training"]}))
-
-
-def _decisions(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """Share of steps per drafter, pooled over samples (routing decisions, or merged-tree accepted subtrees)."""
-    counts: dict[str, int] = {}
-    for s in samples:
-        for name in (s.get("extra") or {}).get("choices", []):
-            counts[name] = counts.get(name, 0) + 1
-    total = sum(counts.values())
-    return {k: v / total for k, v in sorted(counts.items())} if total else {}
 
 
 def _shown(store: Any) -> str:

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from taps_bench.cards import TaskCard
 from taps_bench.engine import generate
-from taps_bench.proposer import Proposer
+from taps_bench.metrics import compare_outputs, speedup, summarize
+from taps_bench.proposer import Autoregressive, Proposer
 from taps_bench.sampling import Sampling
 from taps_bench.scoring import extract_answer, is_correct
 from taps_bench.store import Store
@@ -39,6 +40,11 @@ def card_digest(card: Any) -> str:
     return hashlib.sha256(card.model_dump_json(exclude={"origin"}).encode()).hexdigest()[:16]
 
 
+# The settings a speculative run shares with its autoregressive baseline (the rest identify the proposer).
+BASELINE_KEYS = ("target_checkpoint_sha256", "target_card", "task_card", "data_sha256", "device", "dtype",
+                 "max_new_tokens", "sampling")
+
+
 def run_settings(target: Target, task: TaskCard, data_hash: str, arm: Arm) -> dict[str, Any]:
     return {
         "target_checkpoint_sha256": target.checkpoint_hash,
@@ -55,19 +61,29 @@ def run_settings(target: Target, task: TaskCard, data_hash: str, arm: Arm) -> di
 
 def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example], proposer: Proposer, arm: Arm,
             data_hash: str, provenance: dict[str, Any], reference: dict[tuple[str, int], dict] | None = None,
-            show_progress: bool = True) -> int:
+            show_progress: bool = True, bar: tqdm | None = None) -> int:
     """Decode every (example, turn) not yet stored; return the run id.
 
     `reference`: stored autoregressive samples by (example_id, turn); at temperature 0 each new sample records
     whether its output equals the reference token for token (the lossless check).
+    `bar`: a progress bar shared with the caller (a matrix); its total already counts this arm's samples, and the
+    ones already stored are moved into its `initial` so that the time-left estimate counts only real work.
     """
     settings = run_settings(target, task, data_hash, arm)
     run_id = store.get_or_create_run(arm.kind, target.name, task.name, arm.proposer, arm.sampling.temperature,
                                      settings, provenance)
     done = store.done(run_id)
     todo = sum(1 for ex in examples for t in range(len(ex.turns)) if (ex.id, t) not in done)
-    bar = tqdm(total=todo, desc=f"{arm.proposer} on {task.name}", unit="sample", disable=not show_progress or not todo,
-               file=sys.stderr, dynamic_ncols=True)
+    shared = bar is not None
+    if bar is None:
+        bar = tqdm(total=todo, desc=f"{arm.proposer} on {task.name}", unit="sample",
+                   disable=not show_progress or not todo, file=sys.stderr, dynamic_ncols=True)
+    else:
+        skipped = sum(len(ex.turns) for ex in examples) - todo
+        bar.n += skipped
+        bar.initial += skipped
+        bar.last_print_n = bar.n
+        bar.refresh()
     tokens = seconds = 0.0
     for ex in examples:
         history: list[dict[str, str]] = []
@@ -83,8 +99,73 @@ def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example
                 bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.1f} tok/s")
             # MT-Bench turn 2 is asked after the model's own turn-1 answer.
             history.append({"role": "assistant", "content": stored["output_text"]})
-    bar.close()
+    if not shared:
+        bar.close()
     return run_id
+
+
+def only(samples: list[dict[str, Any]], examples: list[Example]) -> list[dict[str, Any]]:
+    """The samples of these examples (a run may hold more from an earlier, larger --limit)."""
+    wanted = {ex.id for ex in examples}
+    return [s for s in samples if s["example_id"] in wanted]
+
+
+def decisions(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of steps per drafter, pooled over samples (routing decisions, or merged-tree accepted subtrees)."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        for name in (s.get("extra") or {}).get("choices", []):
+            counts[name] = counts.get(name, 0) + 1
+    total = sum(counts.values())
+    return {k: v / total for k, v in sorted(counts.items())} if total else {}
+
+
+@dataclass
+class Measurement:
+    """A speculative arm and its baseline on the same prompts: run ids and derived summaries."""
+
+    arm: Arm
+    task: str
+    run_id: int
+    baseline_run_id: int
+    baseline: dict[str, Any]
+    speculative: dict[str, Any]
+    speedup: dict[str, Any]
+    decisions: dict[str, float]
+
+    def result(self, target: Target, provenance: dict[str, Any]) -> dict[str, Any]:
+        """The flat result that `run --json` prints and a matrix summarises."""
+        ss, sb, sp = self.speculative, self.baseline, self.speedup
+        return {"run_id": self.run_id, "baseline_run_id": self.baseline_run_id, "target": target.name,
+                "drafter": self.arm.proposer, "decisions": self.decisions, "task": self.task,
+                "temperature": self.arm.sampling.temperature, "n_samples": ss["n_samples"], "tau": ss["tau"],
+                "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
+                "speedup_mean_of_ratios": sp["mean_of_ratios"], "tokens_per_s": ss["tokens_per_s"],
+                "baseline_tokens_per_s": sb["tokens_per_s"], "lossless_rate": ss["lossless_rate"],
+                "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
+                "acceptance_by_depth": ss["acceptance_by_depth"], "acceptance_histogram": ss["acceptance_histogram"],
+                "time_split_s": {k: ss[k] for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")},
+                "mean_tree_size": ss["mean_tree_size"], "proposer_settings": self.arm.settings,
+                "device": str(target.device), "dtype": provenance["dtype"]}
+
+
+def measure(store: Store, target: Target, task: TaskCard, examples: list[Example], proposer: Proposer, arm: Arm,
+            data_hash: str, provenance: dict[str, Any], baseline: bool = True, show_progress: bool = True,
+            bar: tqdm | None = None) -> Measurement:
+    """The autoregressive arm (reused when stored; with baseline=False only stored samples are used), then the
+    speculative arm, on the same prompts, with the lossless check at temperature 0."""
+    base_arm = Arm(kind="baseline", proposer="autoregressive", sampling=arm.sampling,
+                   max_new_tokens=arm.max_new_tokens)
+    base_id = run_arm(store, target, task, examples if baseline else [], Autoregressive(), base_arm, data_hash,
+                      provenance, show_progress=show_progress, bar=bar)
+    spec_id = run_arm(store, target, task, examples, proposer, arm, data_hash, provenance,
+                      reference=store.done(base_id), show_progress=show_progress, bar=bar)
+    base, spec = only(store.samples(base_id), examples), only(store.samples(spec_id), examples)
+    sb, ss = summarize(base), summarize(spec)
+    if arm.sampling.greedy:  # compare outputs now: baseline samples may have been stored after the speculative ones
+        ss["lossless_rate"] = compare_outputs(spec, base)["rate"]
+    return Measurement(arm=arm, task=task.name, run_id=spec_id, baseline_run_id=base_id, baseline=sb,
+                       speculative=ss, speedup=speedup(spec, base), decisions=decisions(spec))
 
 
 def _decode_one(target: Target, task: TaskCard, ex: Example, turn: int, history: list[dict[str, str]],
