@@ -49,7 +49,7 @@ def builtin_card_dir(kind: str) -> Path:
     return packaged if packaged.is_dir() else PACKAGE_DIR.parent / sub
 
 
-def _yaml_line(text: str, key_path: tuple[Any, ...]) -> int | None:
+def yaml_line(text: str, key_path: tuple[Any, ...]) -> int | None:
     """1-based line of the YAML node at `key_path` (for error messages), or None."""
     try:
         node = yaml.compose(text)
@@ -92,7 +92,7 @@ def parse_card(path: Path, kind: str | None = None) -> Card:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        line = _yaml_line(text, loc) or 1
+        line = yaml_line(text, loc) or 1
         field_name = ".".join(str(p) for p in loc) or "(card)"
         raise UserError(f"malformed card {path}:{line}: {field_name}: {err['msg']}") from exc
 

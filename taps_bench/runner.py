@@ -79,11 +79,7 @@ def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example
         bar = tqdm(total=todo, desc=f"{arm.proposer} on {task.name}", unit="sample",
                    disable=not show_progress or not todo, file=sys.stderr, dynamic_ncols=True)
     else:
-        skipped = sum(len(ex.turns) for ex in examples) - todo
-        bar.n += skipped
-        bar.initial += skipped
-        bar.last_print_n = bar.n
-        bar.refresh()
+        skip_in_bar(bar, sum(len(ex.turns) for ex in examples) - todo)
     tokens = seconds = 0.0
     for ex in examples:
         history: list[dict[str, str]] = []
@@ -102,6 +98,17 @@ def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example
     if not shared:
         bar.close()
     return run_id
+
+
+def skip_in_bar(bar: tqdm, n: int) -> None:
+    """Count `n` samples that needed no work: moved into the bar's `initial`, so its rate and time left count only
+    samples actually decoded (tqdm's own `update` would fold them into the rate)."""
+    if n <= 0 or bar.disable:
+        return
+    bar.n += n
+    bar.initial += n
+    bar.last_print_n = bar.n
+    bar.refresh()
 
 
 def only(samples: list[dict[str, Any]], examples: list[Example]) -> list[dict[str, Any]]:

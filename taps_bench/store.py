@@ -165,8 +165,31 @@ class Sample(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
 
 
+class Cell(Base):
+    """One cell of a matrix (target x proposer x task x temperature x repeat): its last outcome.
+
+    Samples stay in `samples`; a cell row only says whether the cell finished or failed (and why), so that a failing
+    cell is visible and a restarted matrix can skip the finished ones without loading their models.
+    """
+
+    __tablename__ = "matrix_cells"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    matrix: Mapped[str] = mapped_column(String(255), index=True)
+    cell: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    baseline_run_id: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow, onupdate=_utcnow)
+
+
+CELL_STATUSES = ("done", "failed")
 RUN_COLUMNS: tuple[str, ...] = tuple(c.key for c in Run.__table__.columns)
 SAMPLE_COLUMNS: tuple[str, ...] = tuple(c.key for c in Sample.__table__.columns)
+CELL_COLUMNS: tuple[str, ...] = tuple(c.key for c in Cell.__table__.columns)
 
 # What a caller must give `add_sample`; everything else has a default (see `_normalise_sample`).
 _REQUIRED_SAMPLE_KEYS = ("example_id", "turn", "output_ids", "steps", "total_s", "stop_reason")
@@ -493,3 +516,32 @@ class Store:
         stmt = select(Sample).where(Sample.run_id == run_id).order_by(Sample.id)
         with self._session() as s:
             return [_to_dict(x, SAMPLE_COLUMNS) for x in s.scalars(stmt)]
+
+    # ---------------------------------------------------------------------------------------------- matrix cells
+
+    def record_cell(self, key: str, matrix: str, cell: dict[str, Any], status: str, error: str | None = None,
+                    run_id: int | None = None, baseline_run_id: int | None = None) -> None:
+        """Record a matrix cell's outcome (one row per cell key, updated in place; attempts counts the records)."""
+        if status not in CELL_STATUSES:
+            raise ValueError(f"cell status must be one of {', '.join(CELL_STATUSES)}, got {status!r}")
+        cell = json.loads(canonical_json(cell))
+        with self._session() as s, s.begin():
+            row = s.scalars(select(Cell).where(Cell.key == key)).one_or_none()
+            if row is None:
+                row = Cell(key=key, matrix=matrix, cell=cell, attempts=0)
+                s.add(row)
+            row.status, row.error, row.attempts = status, error, (row.attempts or 0) + 1
+            row.run_id, row.baseline_run_id = run_id, baseline_run_id
+
+    def cell(self, key: str) -> dict[str, Any] | None:
+        with self._session() as s:
+            row = s.scalars(select(Cell).where(Cell.key == key)).one_or_none()
+            return _to_dict(row, CELL_COLUMNS) if row is not None else None
+
+    def cells(self, matrix: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded cell (of one matrix when given), oldest first."""
+        stmt = select(Cell).order_by(Cell.id)
+        if matrix is not None:
+            stmt = stmt.where(Cell.matrix == matrix)
+        with self._session() as s:
+            return [_to_dict(row, CELL_COLUMNS) for row in s.scalars(stmt)]

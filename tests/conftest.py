@@ -85,3 +85,25 @@ def isolated_home(tmp_path_factory, monkeypatch, shared_home):
     monkeypatch.setenv("TAPS_BENCH_HOME", str(home))
     monkeypatch.delenv("TAPS_BENCH_DB", raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_smol(smollm, tmp_path_factory) -> Path:
+    """An include directory with target `tiny-smol`: a random 2-layer Llama with SmolLM2's tokenizer and chat
+    template, so that whole CLI flows (matrix, submit, leaderboard) run on real prompts in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-smol")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=smollm.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.5,
+                         bos_token_id=smollm.model.config.bos_token_id, eos_token_id=smollm.model.config.eos_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
+    smollm.tokenizer.save_pretrained(root / "model")
+    (root / "targets").mkdir()
+    (root / "targets" / "tiny-smol.yaml").write_text(
+        "name: tiny-smol\ndescription: a random 2-layer Llama with the SmolLM2 tokenizer (tests only)\n"
+        f"family: llama\nsource: {{path: {root / 'model'}}}\nsystem_prompt: null\nstop_tokens: ['<|im_end|>']\n"
+        "tree: {total_tokens: 8, depth: 2, top_k: 3}\nlicense: Apache-2.0\n")
+    return root
