@@ -398,10 +398,123 @@ def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
     tmp.replace(out)
 
 
+@cli.command()
+@click.argument("spec_file", metavar="SPEC")
+@click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache.")
+@click.option("--executor", default="local", show_default=True, help="local (this process, one cell at a time).")
+@click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@click.pass_obj
+def matrix(obj: Context, spec_file: str, db: str | None, executor: str, data_dir: str | None, device: str | None,
+           dtype: str | None, no_progress: bool, as_json: bool) -> None:
+    """Run a whole matrix (targets x drafters/combiners x tasks x temperatures x repeats) from a YAML spec (a path,
+    or a shipped name such as cpu-small); resumable; a failing cell is recorded and the others go on."""
+    from taps_bench import matrix as mx
+    from taps_bench.report import format_table
+    from taps_bench.store import Store
+    from taps_bench.targets import resolve_device
+    from taps_bench.tasks import resolve_data_dir
+
+    spec = mx.load_spec(mx.find_spec(spec_file))
+    if executor != "local":
+        raise UserError(f"unknown --executor '{executor}': this taps-bench has: local")
+    mx.check(spec, obj.registry)
+    resolve_device(device, dtype)
+    directory = resolve_data_dir(data_dir)
+    store = Store(_db_url(db))
+    n = len(mx.plan(spec))
+    click.echo(f"[taps-bench] matrix {spec.name}: {n} cells; results in {_shown(store)}", err=True)
+    _quiet_libraries()
+    outcomes = mx.run_local(spec, obj.registry, store, directory, device, dtype, show_progress=not no_progress,
+                            log=lambda m: click.echo(m, err=True))
+    click.echo(format_table(mx.summary_rows(outcomes), mx.SUMMARY_COLUMNS))
+    failed = sum(o.status == "failed" for o in outcomes)
+    click.echo(f"{n - failed}/{n} cells finished, {failed} failed" + (" (errors stored; re-run to retry them)"
+                                                                       if failed else ""))
+    if as_json:
+        click.echo(json.dumps({"matrix": spec.name, "db": _shown(store), "cells": mx.as_json(outcomes)},
+                              default=str))
+    if failed:  # not a usage error (2): the matrix ran, some cells did not
+        click.get_current_context().exit(1)
+
+
+@cli.command()
+@click.argument("card", metavar="CARD")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the bundle; default NAME.bundle.json next to the card.")
+@click.option("--limit", type=int, default=2, show_default=True, help="First N prompts of each task.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@click.pass_obj
+def submit(obj: Context, card: str, out: str | None, limit: int, max_new_tokens: int, data_dir: str | None,
+           device: str | None, dtype: str | None, no_progress: bool, as_json: bool) -> None:
+    """Check a drafter submission card, smoke-test the drafter on every task (T=0, both arms, lossless required)
+    and write a result bundle to send with the card in a pull request."""
+    from taps_bench.bundle import submit as submit_card
+    from taps_bench.bundle import summary_table
+
+    _quiet_libraries()
+    result = submit_card(Path(card), obj.registry, Path(out) if out else None, limit, max_new_tokens, data_dir,
+                         device, dtype, show_progress=not no_progress)
+    click.echo(summary_table(result))
+    click.echo(f"bundle written to {result.path}; open a pull request with {card} and the bundle")
+    if as_json:
+        click.echo(json.dumps({"name": result.card.name, "target": result.card.target, "bundle": str(result.path),
+                               "tasks": result.rows}))
+
+
+@cli.command("import")
+@click.argument("bundles", nargs=-1, required=True, metavar="BUNDLE...")
+@click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache.")
+def import_cmd(bundles: tuple[str, ...], db: str | None) -> None:
+    """Merge result bundles (from `taps-bench submit`) into the database; importing twice adds nothing."""
+    from taps_bench.bundle import merge_bundles, read_bundle
+    from taps_bench.store import Store
+
+    data = [read_bundle(Path(b)) for b in bundles]  # all validated before the database is opened
+    with Store(_db_url(db)) as store:
+        c = merge_bundles(store, data)
+        click.echo(f"imported {c.bundles} bundle(s) into {_shown(store)}: runs {c.runs_new} new, "
+                   f"{c.runs_existing} already there; samples {c.samples_added} added, {c.samples_present} already "
+                   "present")
+
+
+@cli.group()
+def leaderboard() -> None:
+    """The static HTML leaderboard."""
+
+
+@leaderboard.command("build")
+@click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the site (replaced).")
+@click.option("--title", default="taps-bench leaderboard", show_default=True)
+@click.pass_obj
+def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> None:
+    """Render every stored run as a self-contained static site (open OUT/index.html, also from file://)."""
+    from taps_bench import leaderboard as lb
+    from taps_bench.store import Store
+
+    target = Path(out).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {target} is a file; pass a directory (it is replaced by the site)")
+    if target.is_dir() and any(target.iterdir()) and not (target / "index.html").is_file():
+        raise UserError(f"--out {target} is a non-empty directory that is not a leaderboard; pass a new or an "
+                        "earlier leaderboard directory (it is replaced)")
+    result = lb.build(Store(_db_url(db)), target, obj.registry, title)
+    click.echo(f"leaderboard: {result['boards']} boards, {result['rows']} rows -> {target / 'index.html'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="taps-bench", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="taps-bench", standalone_mode=False)
     except UserError as exc:
         if debug:
             raise
@@ -415,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"taps-bench: error: {exc.format_message()} (see `taps-bench --help`)", err=True)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

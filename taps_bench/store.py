@@ -191,10 +191,10 @@ RUN_COLUMNS: tuple[str, ...] = tuple(c.key for c in Run.__table__.columns)
 SAMPLE_COLUMNS: tuple[str, ...] = tuple(c.key for c in Sample.__table__.columns)
 CELL_COLUMNS: tuple[str, ...] = tuple(c.key for c in Cell.__table__.columns)
 
-# What a caller must give `add_sample`; everything else has a default (see `_normalise_sample`).
+# What a caller must give `add_sample`; everything else has a default (see `normalise_sample`).
 _REQUIRED_SAMPLE_KEYS = ("example_id", "turn", "output_ids", "steps", "total_s", "stop_reason")
 # Filled in by the store, not by the caller.
-_STORE_OWNED = ("id", "run_id", "created_at")
+STORE_OWNED = ("id", "run_id", "created_at")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -223,7 +223,7 @@ def _opt(value: Any, conv: type) -> Any:
     return None if value is None else conv(value)
 
 
-def _normalise_sample(sample: dict[str, Any]) -> dict[str, Any]:
+def normalise_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Validate a caller's sample dict and convert it to plain Python values for the row."""
     unknown = set(sample) - set(SAMPLE_COLUMNS)
     if unknown:
@@ -487,10 +487,10 @@ class Store:
         steps, total_s, stop_reason. Defaults: new_tokens = len(output_ids), output_hash computed from output_ids,
         counter lists [], prefill/draft/verify times 0.0, extra {}, everything else None.
         """
-        owned = [k for k in _STORE_OWNED if k in sample]
+        owned = [k for k in STORE_OWNED if k in sample]
         if owned:
             raise ValueError(f"sample fields set by the store, not the caller: {', '.join(owned)}")
-        row = _normalise_sample(sample)
+        row = normalise_sample(sample)
         where = (Sample.run_id == run_id, Sample.example_id == row["example_id"], Sample.turn == row["turn"])
         try:
             with self._session() as s, s.begin():

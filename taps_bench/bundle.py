@@ -1,0 +1,337 @@
+"""Drafter submissions: `taps-bench submit` checks a contributor's drafter and measures it the standard way into a
+result bundle; `taps-bench import` merges bundles into a results database.
+
+Why bundles: a contributor measures on their own machine and sends a pull request; maintainers must be able to read
+exactly what was measured and merge it into their database. A bundle therefore carries raw samples (never derived
+numbers, which `taps_bench.metrics` recomputes) under the same run identity the store uses, so importing it recreates
+the runs `submit` stored, and importing it again adds nothing.
+
+Format (JSON; `version` is bumped whenever a reader of the old version would misread the new one):
+
+    {"format": "taps-bench-bundle", "version": 1, "created_at": ISO-8601,
+     "submission": {the submission card}, "provenance": {provenance.collect()},
+     "smoke": {"tasks", "limit", "max_new_tokens", "temperature", "tree"},  # how it was measured, for readers
+     "summary": [{"task", "samples", "tau", "speedup", "lossless"}, ...],  # informative only, never imported
+     "runs": [{"kind", "target", "task", "proposer", "temperature", "settings", "provenance",
+               "samples": [{every Sample column except id, run_id, created_at}, ...]}, ...]}
+
+Each speculative run's provenance holds the submission card under "drafter_card", so that a leaderboard built from
+the database can show who submitted the drafter and under which license (provenance never changes a run's identity).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from taps_bench.cards import SubmissionCard
+from taps_bench.errors import UserError
+from taps_bench.registry import Registry, yaml_line
+from taps_bench.store import RUN_KINDS, STORE_OWNED, Store, normalise_sample, run_key
+
+FORMAT = "taps-bench-bundle"
+VERSION = 1
+# The four tasks of the paper: a submission is smoke-tested on every one so that a drafter that only works on one
+# prompt format is caught before a maintainer spends a GPU on the full matrix.
+TASKS = ("gsm8k", "math500", "mt-bench", "svamp")
+_RUN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "target": str, "task": str, "proposer": str, "temperature": (int, float), "settings": dict,
+    "provenance": dict, "samples": list,
+}
+
+# How to fix each field of a submission card: appended to the one-line error, so nobody has to open the docs.
+_CARD_FIXES = {
+    "name": "write e.g. `name: my-math-hass` (letters, digits, '.', '_', '-')",
+    "method": "write one of `method: eagle2`, `method: hass`, `method: other`",
+    "target": "write a registered target, e.g. `target: smollm2-135m-instruct` (see `taps-bench list targets`)",
+    "checkpoint": "write `checkpoint: {path: DIR}` (relative to the card) or `checkpoint: {hub: OWNER/REPO}`",
+    "training_data": "write e.g. `training_data: MathInstruct, 70k conversations, 20 epochs`",
+    "license": "write e.g. `license: Apache-2.0`",
+    "authors": "write e.g. `authors: [Ada Lovelace]` (at least one)",
+    "links": "write e.g. `links: [https://huggingface.co/OWNER/REPO]`",
+    "description": "write one line of text, e.g. `description: HASS drafter for math`",
+}
+
+
+def read_card(path: Path) -> SubmissionCard:
+    """Parse and validate a submission card; any problem is one line naming the file, line, field and fix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read submission card {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"malformed submission card {where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"malformed submission card {path}:1: expected a mapping of fields, got "
+                        f"{type(data).__name__}")
+    try:
+        return SubmissionCard.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        field = str(loc[0]) if loc else "(card)"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "missing required field"
+        elif err["type"] == "extra_forbidden":
+            msg = f"unknown field (known: {', '.join(SubmissionCard.model_fields)})"
+        fix = _CARD_FIXES.get(field, "")
+        raise UserError(f"malformed submission card {path}:{yaml_line(text, loc) or 1}: "
+                        f"{'.'.join(map(str, loc)) or field}: {msg}" + (f"; {fix}" if fix else "")) from None
+
+
+def card_json(card: SubmissionCard) -> dict[str, Any]:
+    """The card as stored in a bundle (JSON types, unset optional fields left out)."""
+    return card.model_dump(mode="json", exclude_none=True)
+
+
+def locate_checkpoint(card: SubmissionCard, card_path: Path) -> tuple[Path, str]:
+    """(local directory, portable description). The description identifies the run, so it is the source as the card
+    writes it (never the contributor's absolute path): what a maintainer can resolve from the same card."""
+    from taps_bench.drafter import fetch_from_hub
+
+    src = card.checkpoint
+    if src.hub:
+        return fetch_from_hub(src.hub, src.revision), src.describe()
+    assert src.path is not None
+    directory = Path(src.path).expanduser()
+    if not directory.is_absolute():
+        directory = card_path.parent / directory
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory {directory} (from {card_path}) does not exist; fix `checkpoint: "
+                        "{path: DIR}` (relative paths start at the card's directory)")
+    return directory, src.describe()
+
+
+def refuse_pickle(directory: Path) -> None:
+    """Submissions must be safetensors: maintainers load every submitted checkpoint, and a pickle can run code."""
+    if not (directory / "model.safetensors").is_file() and (directory / "pytorch_model.bin").is_file():
+        raise UserError(f"{directory / 'pytorch_model.bin'} is a pickle checkpoint; submissions must be safetensors: "
+                        "convert it with safetensors.torch.save_file(torch.load(path), 'model.safetensors')")
+
+
+def check_lossless(task: str, spec: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
+    """At temperature 0 speculative decoding must reproduce the autoregressive output token for token."""
+    from taps_bench.metrics import compare_outputs
+
+    cmp = compare_outputs(spec, base)
+    if cmp["mismatches"] or cmp["n_compared"] != len(spec) or not spec:
+        first = f" (first: example {cmp['mismatches'][0][0]}, turn {cmp['mismatches'][0][1]})" \
+            if cmp["mismatches"] else ""
+        raise UserError(f"not lossless at temperature 0 on {task}: {cmp['n_equal']} of {len(spec)} speculative "
+                        f"samples equal the autoregressive output{first}; no bundle written (on a GPU, retry with "
+                        "--dtype float32)")
+
+
+@dataclass
+class Submission:
+    """What `submit` did: the card, the bundle written, one summary row per task."""
+
+    card: SubmissionCard
+    path: Path
+    rows: list[dict[str, Any]]
+
+
+def _run_record(store: Store, run_id: int, drafter_card: dict[str, Any] | None) -> dict[str, Any]:
+    run = store.get_run(run_id)
+    assert run is not None
+    provenance = run["provenance"] | ({"drafter_card": drafter_card} if drafter_card is not None else {})
+    samples = [{k: v for k, v in s.items() if k not in STORE_OWNED} for s in store.samples(run_id)]
+    return {"kind": run["kind"], "target": run["target"], "task": run["task"], "proposer": run["proposer"],
+            "temperature": run["temperature"], "settings": run["settings"], "provenance": provenance,
+            "samples": samples}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write NAME.part, then rename: a killed `submit` never leaves a half-written bundle that looks complete."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise UserError(f"cannot write the bundle {path}: {exc.strerror or exc}; pass --out with a writable "
+                        "path") from None
+
+
+def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int = 2, max_new_tokens: int = 64,
+           data_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
+           show_progress: bool = True) -> Submission:
+    """Validate a submission and smoke-test it: both arms, T=0, the target's default tree, the first `limit` prompts
+    of every task, into a throw-away store; require lossless decoding; write the result bundle.
+
+    Everything that can be checked without the target (card, data, checkpoint files) is checked before the target is
+    loaded, so a bad submission fails in a second with nothing written.
+    """
+    from taps_bench import provenance
+    from taps_bench.drafter import check_against_target, load_drafter
+    from taps_bench.resolve import ResolvedDrafter, eagle_proposer
+    from taps_bench.runner import Arm, measure
+    from taps_bench.sampling import Sampling
+    from taps_bench.targets import load_target, sha256_file
+    from taps_bench.tasks import data_file_hash, load_examples, resolve_data_dir
+
+    if limit < 1:
+        raise UserError(f"--limit must be a positive integer (got {limit})")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    card = read_card(card_path)
+    target_card = reg.target(card.target)
+    tasks = [reg.task(name) for name in TASKS]
+    directory = resolve_data_dir(data_dir)
+    examples = {t.name: load_examples(t, directory, limit) for t in tasks}
+    out = out if out is not None else card_path.parent / f"{card.name}.bundle.json"
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write the bundle {out}: {out.parent} is not a directory; pass --out PATH")
+    ckpt, where = locate_checkpoint(card, card_path)
+    refuse_pickle(ckpt)
+    drafter, weights = load_drafter(ckpt)
+    target = load_target(target_card, device, dtype)
+    check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, card.name)
+    n = sum(len(ex.turns) for exs in examples.values() for ex in exs)
+    print(f"[taps-bench] submission '{card.name}' ({card.method}) on {target.name} ({target.device}, "
+          f"{str(target.dtype).removeprefix('torch.')}): {n} samples per arm over {', '.join(TASKS)}", file=sys.stderr)
+
+    prov = provenance.collect(target)
+    resolved = ResolvedDrafter(name=card.name, drafter=drafter, checkpoint=where,
+                               checkpoint_sha256=sha256_file(weights), card=None)
+    proposer, settings = eagle_proposer(resolved, target, target.card.tree)
+    arm = Arm(kind="speculative", proposer=card.name, sampling=Sampling(temperature=0.0),
+              max_new_tokens=max_new_tokens, settings=settings)
+    rows, runs = [], []
+    bar = tqdm(total=2 * n, desc=f"submit {card.name}", unit="sample", disable=not show_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    with tempfile.TemporaryDirectory(prefix="taps-bench-submit-") as tmp:
+        store = Store(f"sqlite:///{Path(tmp) / 'submit.sqlite'}")
+        try:
+            for task in tasks:
+                m = measure(store, target, task, examples[task.name], proposer, arm,
+                            data_file_hash(directory / task.source.local), prov, bar=bar)
+                check_lossless(task.name, store.samples(m.run_id), store.samples(m.baseline_run_id))
+                rows.append({"task": task.name, "samples": m.speculative["n_samples"], "tau": m.speculative["tau"],
+                             "speedup": m.speedup["ratio_of_sums"], "lossless": True})
+                runs += [_run_record(store, m.baseline_run_id, None), _run_record(store, m.run_id, card_json(card))]
+        finally:
+            bar.close()
+            store.close()
+    smoke = {"tasks": list(TASKS), "limit": limit, "max_new_tokens": max_new_tokens, "temperature": 0.0,
+             "tree": target.card.tree.model_dump()}
+    write_json(out, {"format": FORMAT, "version": VERSION, "created_at": datetime.now(timezone.utc).isoformat(),
+                     "submission": card_json(card), "provenance": prov, "smoke": smoke, "summary": rows,
+                     "runs": runs})
+    return Submission(card=card, path=out, rows=rows)
+
+
+# -- import -------------------------------------------------------------------------------------------------------
+
+
+def read_bundle(path: Path) -> dict[str, Any]:
+    """Load and fully validate one bundle. Any problem is one UserError naming the file and where it is wrong."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"bundle {path}: {what}; nothing was imported")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read bundle {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad(f"not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise bad(f"not a taps-bench result bundle (no \"format\": \"{FORMAT}\")")
+    if data.get("version") != VERSION:
+        raise bad(f"format version {data.get('version')!r}, this taps-bench reads version {VERSION} (upgrade "
+                  "taps-bench, or regenerate the bundle with `taps-bench submit`)")
+    try:
+        SubmissionCard.model_validate(data.get("submission"))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise bad(f"submission.{'.'.join(map(str, err['loc'])) or '(card)'}: {err['msg']}") from None
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise bad("`runs` must be a non-empty list")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise bad(f"runs[{i}] is not an object")
+        unknown = sorted(set(run) - set(_RUN_FIELDS))
+        if unknown:
+            raise bad(f"runs[{i}]: unknown field `{unknown[0]}`")
+        for name, kind in _RUN_FIELDS.items():
+            if name not in run:
+                raise bad(f"runs[{i}]: missing field `{name}`")
+            if not isinstance(run[name], kind) or isinstance(run[name], bool):
+                raise bad(f"runs[{i}].{name}: expected {getattr(kind, '__name__', 'a number')}, got "
+                          f"{type(run[name]).__name__}")
+        if run["kind"] not in RUN_KINDS:
+            raise bad(f"runs[{i}].kind must be one of {', '.join(RUN_KINDS)} (got {run['kind']!r})")
+        for j, sample in enumerate(run["samples"]):
+            if not isinstance(sample, dict):
+                raise bad(f"runs[{i}].samples[{j}] is not an object")
+            owned = [k for k in STORE_OWNED if k in sample]
+            try:
+                if owned:
+                    raise ValueError(f"fields set by the store, not a bundle: {', '.join(owned)}")
+                normalise_sample(sample)  # exactly what store.add_sample will check, so the merge cannot fail half-way
+            except (ValueError, TypeError) as exc:
+                reason = " ".join(str(exc).split())  # one line, whatever the message
+                raise bad(f"runs[{i}].samples[{j}]: {reason}") from None
+    return data
+
+
+@dataclass
+class ImportCounts:
+    bundles: int = 0
+    runs_new: int = 0
+    runs_existing: int = 0
+    samples_added: int = 0
+    samples_present: int = 0
+
+
+def merge_bundles(store: Store, bundles: list[dict[str, Any]]) -> ImportCounts:
+    """Merge already validated bundles (see `read_bundle`): same run identity, idempotent sample inserts."""
+    counts = ImportCounts(bundles=len(bundles))
+    known = {r["key"] for r in store.runs()}
+    for data in bundles:
+        for run in data["runs"]:
+            identity = (run["kind"], run["target"], run["task"], run["proposer"], run["temperature"], run["settings"])
+            key = run_key(*identity)
+            if key in known:
+                counts.runs_existing += 1
+            else:
+                counts.runs_new += 1
+                known.add(key)
+            run_id = store.get_or_create_run(*identity, run["provenance"])
+            done = set(store.done(run_id))
+            for sample in run["samples"]:
+                at = (str(sample["example_id"]), int(sample["turn"]))
+                if at in done:
+                    counts.samples_present += 1
+                    continue
+                store.add_sample(run_id, sample)
+                done.add(at)
+                counts.samples_added += 1
+    return counts
+
+
+def import_bundles(store: Store, paths: list[Path]) -> ImportCounts:
+    """Validate every bundle first (a bad one stops the import with nothing written), then merge them all."""
+    return merge_bundles(store, [read_bundle(Path(p)) for p in paths])
+
+
+def summary_table(result: Submission) -> str:
+    from taps_bench.report import format_table
+
+    return format_table(result.rows, [("task", "task"), ("samples", "samples"), ("tau", "tau"),
+                                      ("speedup", "speedup"), ("lossless", "lossless")])

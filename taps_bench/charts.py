@@ -1,0 +1,145 @@
+"""Inline SVG charts for the static leaderboard: no JavaScript library and no CDN, so a page works from file://.
+
+Every chart is a function from plain data to `Markup` (an SVG string). All text that comes from data (drafter and
+task names) goes through `escape`, because a submitted drafter's name is untrusted. Colours come from one
+colour-blind-safe palette (Okabe-Ito) so that the same drafter keeps its colour across a page's charts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from markupsafe import Markup, escape
+
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+FONT = 'font-family="system-ui, sans-serif" font-size="11"'
+
+
+def colour(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def _clip(text: str, n: int) -> Markup:
+    """Escaped text, cut to n characters (the full text stays readable on hover via <title>)."""
+    if len(text) <= n:
+        return escape(text)
+    return Markup("{}…<title>{}</title>").format(text[: n - 1], text)
+
+
+def _svg(width: int, height: int, body: list[str], title: str) -> Markup:
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" {FONT}><title>{escape(title)}</title>')
+    return Markup(head + "".join(body) + "</svg>")
+
+
+def _legend(names: Sequence[str], x: int, y: int) -> list[str]:
+    out = []
+    for i, name in enumerate(names):
+        yy = y + 14 * i
+        out.append(f'<rect x="{x}" y="{yy - 8}" width="10" height="10" fill="{colour(i)}"/>'
+                   f'<text x="{x + 14}" y="{yy + 1}">{_clip(name, 60)}</text>')
+    return out
+
+
+def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 300, height: int = 190) -> Markup:
+    """Conditional acceptance (0..1) per draft depth, one line per drafter; `series[name][d-1]` is depth d."""
+    left, right, top, bottom = 34, 10, 20, 28
+    plot_w, plot_h = width - left - right, height - top - bottom
+    depth = max((len(v) for v in series.values()), default=0)
+    body = [f'<text x="{left}" y="13" font-weight="600">{escape(title)}</text>']
+    for tick in (0, 0.5, 1):
+        y = top + plot_h * (1 - tick)
+        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                    f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    if depth == 0:
+        body.append(f'<text x="{left + 8}" y="{top + plot_h / 2:.0f}">no draft tokens recorded</text>')
+        return _svg(width, height, body, title)
+    step = plot_w / max(1, depth - 1)
+    for d in range(depth):
+        body.append(f'<text x="{left + d * step:.1f}" y="{height - 14}" text-anchor="middle">{d + 1}</text>')
+    body.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 2}" text-anchor="middle">draft depth</text>')
+    for i, (name, values) in enumerate(series.items()):
+        points = [(left + d * step, top + plot_h * (1 - v)) for d, v in enumerate(values) if v is not None]
+        if not points:
+            continue
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        body.append(f'<polyline class="series" points="{path}" fill="none" stroke="{colour(i)}" stroke-width="2">'
+                    f'<title>{escape(name)}</title></polyline>')
+        body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour(i)}"/>' for x, y in points]
+    return _svg(width, height, body, title)
+
+
+def heatmap(title: str, rows: Sequence[str], columns: Sequence[str], values: dict[tuple[str, str], float | None],
+            low: float = 1.0) -> Markup:
+    """A value per (row, column) as a coloured cell with its number (white = `low`, deep blue = the maximum)."""
+    cell_w, cell_h, left, top = 78, 24, 210, 36
+    width, height = left + cell_w * len(columns) + 10, top + cell_h * len(rows) + 8
+    present = [v for v in values.values() if v is not None]
+    high = max(present, default=low + 1)
+    body = [f'<text x="4" y="14" font-weight="600">{escape(title)}</text>']
+    for j, col in enumerate(columns):
+        body.append(f'<text x="{left + cell_w * j + cell_w / 2:.0f}" y="{top - 8}" text-anchor="middle">'
+                    f'{escape(col)}</text>')
+    for i, row in enumerate(rows):
+        y = top + cell_h * i
+        body.append(f'<text x="{left - 6}" y="{y + 16}" text-anchor="end">{_clip(row, 34)}</text>')
+        for j, col in enumerate(columns):
+            v = values.get((row, col))
+            x = left + cell_w * j
+            if v is None:
+                body.append(f'<rect class="cell" x="{x}" y="{y}" width="{cell_w - 2}" height="{cell_h - 2}" '
+                            f'fill="#f3f3f3"/><text x="{x + cell_w / 2:.0f}" y="{y + 16}" text-anchor="middle" '
+                            f'fill="#999">–</text>')
+                continue
+            t = 0.0 if high <= low else min(1.0, max(0.0, (v - low) / (high - low)))
+            fill = f"rgb({int(255 - 215 * t)},{int(255 - 140 * t)},{int(255 - 60 * t)})"
+            ink = "#fff" if t > 0.6 else "#000"
+            body.append(f'<rect class="cell" x="{x}" y="{y}" width="{cell_w - 2}" height="{cell_h - 2}" '
+                        f'fill="{fill}"><title>{escape(row)} / {escape(col)}: {v:.2f}</title></rect>'
+                        f'<text x="{x + cell_w / 2:.0f}" y="{y + 16}" text-anchor="middle" fill="{ink}">{v:.2f}</text>')
+    return _svg(width, height, body, title)
+
+
+def stacked_shares(title: str, bars: dict[str, dict[str, float]], names: Sequence[str]) -> Markup:
+    """One horizontal bar per label (a task), split by each name's share (routing decisions per drafter)."""
+    left, bar_w, bar_h, top = 110, 300, 18, 24
+    legend_top = top + (bar_h + 6) * len(bars) + 10
+    width, height = left + bar_w + 20, legend_top + 14 * len(names) + 4
+    body = [f'<text x="4" y="14" font-weight="600">{_clip(title, 70)}</text>']
+    for i, (label, shares) in enumerate(bars.items()):
+        y, x = top + (bar_h + 6) * i, float(left)
+        body.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{_clip(label, 18)}</text>')
+        for k, name in enumerate(names):
+            share = shares.get(name, 0.0)
+            if share <= 0:
+                continue
+            w = bar_w * share
+            body.append(f'<rect class="share" x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" '
+                        f'fill="{colour(k)}"><title>{escape(name)}: {share:.1%}</title></rect>')
+            if w > 34:
+                body.append(f'<text x="{x + w / 2:.1f}" y="{y + 13}" text-anchor="middle" fill="#fff">'
+                            f'{share:.0%}</text>')
+            x += w
+    body += _legend(names, left, legend_top)
+    return _svg(width, height, body, title)
+
+
+def paired_bars(title: str, groups: dict[str, tuple[float | None, float | None]], unit: str,
+                labels: tuple[str, str] = ("accepted", "rejected")) -> Markup:
+    """Two bars per group (e.g. mean confidence of accepted vs rejected draft tokens, per drafter)."""
+    left, bar_h, top, plot_w = 190, 10, 24, 240
+    high = max((v for pair in groups.values() for v in pair if v is not None), default=1.0) or 1.0
+    height = top + 28 * len(groups) + 34
+    body = [f'<text x="4" y="14" font-weight="600">{escape(title)}</text>']
+    for i, (group, pair) in enumerate(groups.items()):
+        y = top + 28 * i
+        body.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{_clip(group, 30)}</text>')
+        for k, v in enumerate(pair):
+            if v is None:
+                continue
+            w = plot_w * v / high
+            body.append(f'<rect class="bar" x="{left}" y="{y + k * (bar_h + 2)}" width="{w:.1f}" height="{bar_h}" '
+                        f'fill="{colour(k)}"><title>{escape(group)} {labels[k]}: {v:.3f} {escape(unit)}</title>'
+                        f'</rect><text x="{left + w + 4:.1f}" y="{y + k * (bar_h + 2) + 9}">{v:.2f}</text>')
+    body += _legend(list(labels), left, height - 24)
+    return _svg(left + plot_w + 60, height, body, title)

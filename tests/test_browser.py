@@ -1,0 +1,126 @@
+"""The leaderboard in a real browser: a site built from a small real matrix run, opened from file:// in headless
+Chromium (Debian's package, driven by Playwright). Checks what a reader sees: the tables' rows, drawn charts,
+working links, a quiet console, sorting, and a hostile drafter name and description shown as text, never run.
+The screenshot lands in test-output/leaderboard.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+from conftest import REPO
+from test_matrix import drafters, small_spec
+
+from taps_bench.cli import main
+
+pytestmark = [pytest.mark.smollm, pytest.mark.usefixtures("one_thread")]
+
+EVIL_NAME = "<img src=x onerror=alert(1)>"
+EVIL_DESCRIPTION = "<script>document.title='pwned';alert(2)</script> <b>bold?</b>"
+
+
+def chromium() -> str:
+    """Debian's Chromium: found, or installed with apt when we are root; the test is skipped (saying why) only when
+    it cannot be installed here."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Chromium is not installed and cannot be installed here (needs root and apt-get): "
+                    "`apt-get install chromium`")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    done = subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
+                          capture_output=True, text=True, timeout=900)
+    found = shutil.which("chromium")
+    if done.returncode != 0 or not found:
+        pytest.skip(f"Chromium could not be installed with apt-get: {done.stderr.strip().splitlines()[-1:]}")
+    return found
+
+
+def as_path(href: str) -> Path:
+    return Path(unquote(urlparse(href).path))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the [test] extra")
+    path = chromium()
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_dir: Path) -> None:
+    a, b = drafters(tmp_path, tiny_smol)
+    evil = tmp_path / EVIL_NAME
+    shutil.copytree(b, evil)
+    (evil / "card.yaml").write_text(f"name: {EVIL_NAME!r}\ndescription: {EVIL_DESCRIPTION!r}\nmethod: hass\n")
+    spec = small_spec(tmp_path / "m.yaml", a, evil, max_new_tokens=4, tasks={"gsm8k": 1, "math500": 1,
+                                                                             "mt-bench": 1, "svamp": 1})
+    db, site = tmp_path / "r.db", tmp_path / "site"
+    assert main(["--include", str(tiny_smol), "matrix", str(spec), "--db", str(db), "--no-progress",
+                 "--data-dir", str(data_dir)]) == 0
+    assert main(["leaderboard", "build", "--db", str(db), "--out", str(site)]) == 0
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    dialogs: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto((site / "index.html").as_uri())
+
+    # Tables: the tiny-smol boards (T=0 and T=1) hold the four proposers and the oracle, in the paper's columns.
+    boards = page.locator("section.board[data-target='tiny-smol']")
+    assert boards.count() == 2
+    for i in range(2):
+        names = boards.nth(i).locator("table.leaderboard tbody tr").evaluate_all(
+            "rows => rows.map(r => r.getAttribute('data-name'))")
+        assert len(names) == 5 and EVIL_NAME in names and "math-rand" in names
+        assert any(n.startswith("confidence-step(") for n in names)
+        assert any(n.startswith("merged-tree-full(") for n in names)
+        assert any(n.startswith("oracle(") for n in names)
+        headers = boards.nth(i).locator("table.leaderboard thead th").all_inner_texts()
+        assert headers[1:6] == ["MT-Bench", "GSM8K", "MATH-500", "SVAMP", "Avg τ"]
+    # The hostile name is text on the page, not markup.
+    assert page.locator("table.leaderboard").first.get_by_text(EVIL_NAME).count() >= 1
+    assert page.locator("img[src='x']").count() == 0
+    # Charts are drawn: a heatmap with a cell per (row, task), depth lines, routing bars.
+    first = boards.nth(0)
+    assert first.locator("svg rect.cell").count() == 5 * 4
+    assert first.locator("svg polyline.series").count() >= 4
+    assert first.locator("svg rect.share").count() >= 4
+    assert first.locator("svg").first.bounding_box()["width"] > 100
+    # Sorting by GSM8K puts the rows in order of their values.
+    header = first.locator("table.leaderboard thead th", has_text="GSM8K")
+    header.click()
+    values = first.locator("table.leaderboard tbody tr td:nth-child(3)").evaluate_all(
+        "cells => cells.map(c => c.getAttribute('data-value')).filter(v => v !== '').map(Number)")
+    assert values == sorted(values) and values
+
+    out = REPO / "test-output"
+    out.mkdir(exist_ok=True)
+    page.screenshot(path=str(out / "leaderboard.png"), full_page=True)
+
+    # Every link resolves: local files exist, and each page opens with a quiet console.
+    hrefs = page.locator("a[href]").evaluate_all("links => links.map(a => a.href)")
+    local = sorted({h.split("#")[0] for h in hrefs if h.startswith("file://")})
+    assert any("/drafters/" in h for h in local) and any(h.endswith(".csv") for h in local)
+    for href in local:
+        assert as_path(href).is_file(), href
+        if href.endswith(".html"):
+            page.goto(href)
+            assert page.title() != "pwned"
+            for inner in page.locator("a[href^='file:']").evaluate_all("links => links.map(a => a.href)"):
+                assert as_path(inner.split("#")[0]).is_file(), (href, inner)
+    # The hostile drafter's page shows its description as text.
+    evil_page = next(h for h in local if "/drafters/" in h and "document.title=" in as_path(h).read_text())
+    page.goto(evil_page)
+    assert EVIL_DESCRIPTION in page.locator("dd.description").inner_text()
+    assert page.title() != "pwned"
+    assert errors == [] and dialogs == []
