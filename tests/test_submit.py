@@ -273,6 +273,14 @@ def test_import_twice_adds_nothing_the_second_time(capsys, tmp_path, submitted):
     assert again[:2] == (8, n_samples)
     assert again[2] == runs  # provenance untouched: an identical import is not a "later session"
 
+    # The submission appears on the rebuilt leaderboard, once, with its card.
+    site = tmp_path / "site"
+    assert main(["leaderboard", "build", "--db", str(db), "--out", str(site)]) == 0
+    index = (site / "index.html").read_text()
+    assert index.count('data-name="tiny-hass"') == 1
+    page = next(p for p in (site / "drafters").glob("*.html") if "tiny-hass" in p.name)
+    assert CARD["license"] in page.read_text() and CARD["authors"][0] in page.read_text()
+
 
 def _truncate(b: dict[str, Any]) -> str:
     return json.dumps(b)[:-40]
