@@ -401,15 +401,19 @@ def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
 @cli.command()
 @click.argument("spec_file", metavar="SPEC")
 @click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache.")
-@click.option("--executor", default="local", show_default=True, help="local (this process, one cell at a time).")
+@click.option("--executor", default="local", show_default=True,
+              help="local (this process, one cell at a time) or ray (a Ray task per cell; pip install ray).")
+@click.option("--address", default=None, help="Ray cluster address (--executor ray); default: start a local one.")
+@click.option("--retries", type=int, default=2, show_default=True,
+              help="--executor ray: resubmit a failing cell (or one whose worker died) this many times.")
 @click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
 @click.pass_obj
-def matrix(obj: Context, spec_file: str, db: str | None, executor: str, data_dir: str | None, device: str | None,
-           dtype: str | None, no_progress: bool, as_json: bool) -> None:
+def matrix(obj: Context, spec_file: str, db: str | None, executor: str, address: str | None, retries: int,
+           data_dir: str | None, device: str | None, dtype: str | None, no_progress: bool, as_json: bool) -> None:
     """Run a whole matrix (targets x drafters/combiners x tasks x temperatures x repeats) from a YAML spec (a path,
     or a shipped name such as cpu-small); resumable; a failing cell is recorded and the others go on."""
     from taps_bench import matrix as mx
@@ -419,8 +423,10 @@ def matrix(obj: Context, spec_file: str, db: str | None, executor: str, data_dir
     from taps_bench.tasks import resolve_data_dir
 
     spec = mx.load_spec(mx.find_spec(spec_file))
-    if executor != "local":
-        raise UserError(f"unknown --executor '{executor}': this taps-bench has: local")
+    if executor not in ("local", "ray"):
+        raise UserError(f"unknown --executor '{executor}': choose local or ray")
+    if retries < 0:
+        raise UserError(f"--retries must be 0 or more (got {retries})")
     mx.check(spec, obj.registry)
     resolve_device(device, dtype)
     directory = resolve_data_dir(data_dir)
@@ -428,8 +434,16 @@ def matrix(obj: Context, spec_file: str, db: str | None, executor: str, data_dir
     n = len(mx.plan(spec))
     click.echo(f"[taps-bench] matrix {spec.name}: {n} cells; results in {_shown(store)}", err=True)
     _quiet_libraries()
-    outcomes = mx.run_local(spec, obj.registry, store, directory, device, dtype, show_progress=not no_progress,
-                            log=lambda m: click.echo(m, err=True))
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if executor == "ray":
+        from taps_bench.ray_executor import run_ray
+
+        include = [str(Path(p).resolve()) for p in obj.include]
+        outcomes = run_ray(spec, obj.registry, store, directory, include, address, device, dtype, retries,
+                           show_progress=not no_progress, log=log)
+    else:
+        outcomes = mx.run_local(spec, obj.registry, store, directory, device, dtype,
+                                show_progress=not no_progress, log=log)
     click.echo(format_table(mx.summary_rows(outcomes), mx.SUMMARY_COLUMNS))
     failed = sum(o.status == "failed" for o in outcomes)
     click.echo(f"{n - failed}/{n} cells finished, {failed} failed" + (" (errors stored; re-run to retry them)"

@@ -196,26 +196,84 @@ class Outcome:
     error: str | None = None
 
 
+@dataclass
+class Prepared:
+    """Everything a cell needs to decode, loaded."""
+
+    target: Any
+    provenance: dict[str, Any]
+    task: Any
+    examples: list[Any]
+    proposer: Any
+    arm: Any  # the speculative Arm
+    data_hash: str
+
+
+class Workbench:
+    """Loads what cells need and keeps it between cells: one target at a time (memory), one proposer per entry.
+    Used by the local executor and, inside each worker process, by the Ray executor."""
+
+    def __init__(self, reg: Registry, data_dir: Path, device: str | None = None, dtype: str | None = None,
+                 show_progress: bool = False) -> None:
+        self.reg, self.data_dir, self.device, self.dtype = reg, data_dir, device, dtype
+        self.show_progress = show_progress
+        self._target: tuple[str, Any, dict[str, Any]] | None = None
+        self._proposers: dict[Entry, tuple[Any, str, dict[str, Any]]] = {}
+        self._examples: dict[tuple[str, int | None], list[Any]] = {}
+
+    def prepare(self, spec: MatrixSpec, cell: Cell) -> Prepared:
+        from taps_bench import provenance
+        from taps_bench.resolve import build_proposer, tree_settings
+        from taps_bench.runner import Arm
+        from taps_bench.sampling import Sampling
+        from taps_bench.targets import load_target
+        from taps_bench.tasks import data_file_hash, load_examples
+
+        if self._target is None or self._target[0] != cell.target:
+            self._target, self._proposers = None, {}  # free the old target before loading the next
+            target = load_target(self.reg.target(cell.target), self.device, self.dtype)
+            self._target = (cell.target, target, provenance.collect(target))
+        _, target, prov = self._target
+        if cell.entry not in self._proposers:
+            tree = tree_settings(target, spec.tree.total_tokens, spec.tree.depth, spec.tree.top_k)
+            self._proposers[cell.entry] = build_proposer(self.reg, cell.entry.spec(), target, tree,
+                                                         data_dir=self.data_dir, show_progress=self.show_progress)
+        proposer, label, settings = self._proposers[cell.entry]
+        task = self.reg.task(cell.task)
+        if (cell.task, cell.limit) not in self._examples:
+            self._examples[(cell.task, cell.limit)] = load_examples(task, self.data_dir, cell.limit)
+        sampling = Sampling(temperature=cell.temperature, top_p=spec.top_p, top_k=spec.sample_top_k, seed=cell.seed)
+        arm = Arm(kind="speculative", proposer=label, sampling=sampling, max_new_tokens=spec.max_new_tokens,
+                  settings=settings)
+        return Prepared(target, prov | {"matrix": spec.name}, task, self._examples[(cell.task, cell.limit)],
+                        proposer, arm, data_file_hash(self.data_dir / task.source.local))
+
+
+def samples_per_cell(spec: MatrixSpec, reg: Registry, data_dir: Path) -> dict[str, int]:
+    """Samples (prompt x turn, both arms) of one cell of each task: the progress bar's unit."""
+    from taps_bench.tasks import load_examples
+
+    return {t: sum(len(ex.turns) for ex in load_examples(reg.task(t), data_dir, n)) * (2 if spec.baseline else 1)
+            for t, n in spec.tasks.items()}
+
+
+def failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def run_local(spec: MatrixSpec, reg: Registry, store: Store, data_dir: Path, device: str | None = None,
               dtype: str | None = None, show_progress: bool = True,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[Outcome]:
     """Run every cell in this process, one after another (batch size 1, one device: comparable speedups)."""
-    from taps_bench import provenance
-    from taps_bench.resolve import build_proposer, tree_settings
-    from taps_bench.runner import Arm, measure
-    from taps_bench.sampling import Sampling
-    from taps_bench.targets import load_target
-    from taps_bench.tasks import data_file_hash, load_examples
+    from taps_bench.runner import measure
 
     check(spec, reg)
     cells = plan(spec)
-    examples = {t: load_examples(reg.task(t), data_dir, n) for t, n in spec.tasks.items()}
-    per_cell = {t: sum(len(ex.turns) for ex in exs) * (2 if spec.baseline else 1) for t, exs in examples.items()}
+    per_cell = samples_per_cell(spec, reg, data_dir)
     bar = tqdm(total=sum(per_cell[c.task] for c in cells), unit="sample", disable=not show_progress,
                file=sys.stderr, dynamic_ncols=True)
+    bench = Workbench(reg, data_dir, device, dtype, show_progress)
     outcomes: list[Outcome] = []
-    loaded: dict[str, Any] = {}  # the current target only: one at a time in memory
-    proposers: dict[Entry, Any] = {}
     for i, cell in enumerate(cells):
         key = cell.key(spec)
         before = bar.n
@@ -225,36 +283,19 @@ def run_local(spec: MatrixSpec, reg: Registry, store: Store, data_dir: Path, dev
             skip_in_bar(bar, per_cell[cell.task])
             outcomes.append(Outcome(cell, "skipped", _stored_result(store, prior)))
             continue
-        run_id = base_id = None
         try:
-            if cell.target not in loaded:
-                loaded.clear()
-                proposers.clear()
-                target = load_target(reg.target(cell.target), device, dtype)
-                loaded[cell.target] = (target, provenance.collect(target))
-            target, prov = loaded[cell.target]
-            if cell.entry not in proposers:
-                tree = tree_settings(target, spec.tree.total_tokens, spec.tree.depth, spec.tree.top_k)
-                proposers[cell.entry] = build_proposer(reg, cell.entry.spec(), target, tree, data_dir=data_dir,
-                                                       show_progress=show_progress)
-            proposer, label, settings = proposers[cell.entry]
-            task = reg.task(cell.task)
-            sampling = Sampling(temperature=cell.temperature, top_p=spec.top_p, top_k=spec.sample_top_k,
-                                seed=cell.seed)
-            arm = Arm(kind="speculative", proposer=label, sampling=sampling, max_new_tokens=spec.max_new_tokens,
-                      settings=settings)
-            data_hash = data_file_hash(data_dir / task.source.local)
-            m = measure(store, target, task, examples[cell.task], proposer, arm, data_hash,
-                        prov | {"matrix": spec.name}, baseline=spec.baseline, show_progress=show_progress, bar=bar)
-            run_id, base_id = m.run_id, m.baseline_run_id
-            store.record_cell(key, spec.name, cell.identity(spec), "done", run_id=run_id, baseline_run_id=base_id)
-            outcomes.append(Outcome(cell, "done", m.result(target, prov)))
+            p = bench.prepare(spec, cell)
+            m = measure(store, p.target, p.task, p.examples, p.proposer, p.arm, p.data_hash, p.provenance,
+                        baseline=spec.baseline, show_progress=show_progress, bar=bar)
+            store.record_cell(key, spec.name, cell.identity(spec), "done", run_id=m.run_id,
+                              baseline_run_id=m.baseline_run_id)
+            outcomes.append(Outcome(cell, "done", m.result(p.target, p.provenance)))
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # failure isolation: record the cell's error, go on with the others
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            store.record_cell(key, spec.name, cell.identity(spec), "failed", error=error + "\n" +
-                              traceback.format_exc(limit=-3), run_id=run_id, baseline_run_id=base_id)
+            error = failure(exc)
+            store.record_cell(key, spec.name, cell.identity(spec), "failed",
+                              error=error + "\n" + traceback.format_exc(limit=-3))
             log(f"[taps-bench] cell {cell.label()} failed: {error} (recorded; the matrix goes on)")
             outcomes.append(Outcome(cell, "failed", error=error))
         # A failed cell (or one that stored fewer turns than expected) still moves the bar by its share.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -81,6 +82,23 @@ def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example
     else:
         skip_in_bar(bar, sum(len(ex.turns) for ex in examples) - todo)
     tokens = seconds = 0.0
+    for sample in decode_missing(target, task, examples, proposer, arm, done, reference):
+        store.add_sample(run_id, sample)
+        tokens += sample["new_tokens"]
+        seconds += sample["total_s"]
+        bar.update(1)
+        bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.1f} tok/s")
+    if not shared:
+        bar.close()
+    return run_id
+
+
+def decode_missing(target: Target, task: TaskCard, examples: list[Example], proposer: Proposer, arm: Arm,
+                   done: dict[tuple[str, int], dict[str, Any]],
+                   reference: dict[tuple[str, int], dict] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield a new sample for every (example, turn) not in `done`, in order. Later turns are asked after the
+    model's own earlier answers (MT-Bench), read from `done` when stored and from the new sample otherwise, so
+    `done` needs only each sample's `output_text`."""
     for ex in examples:
         history: list[dict[str, str]] = []
         for turn, text in enumerate(ex.turns):
@@ -88,16 +106,8 @@ def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example
             stored = done.get((ex.id, turn))
             if stored is None:
                 stored = _decode_one(target, task, ex, turn, history, proposer, arm, reference)
-                store.add_sample(run_id, stored)
-                tokens += stored["new_tokens"]
-                seconds += stored["total_s"]
-                bar.update(1)
-                bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.1f} tok/s")
-            # MT-Bench turn 2 is asked after the model's own turn-1 answer.
+                yield stored
             history.append({"role": "assistant", "content": stored["output_text"]})
-    if not shared:
-        bar.close()
-    return run_id
 
 
 def skip_in_bar(bar: tqdm, n: int) -> None:
