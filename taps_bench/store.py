@@ -14,6 +14,15 @@ max_new_tokens, dtype if the caller puts it in settings, ...) belongs in `settin
 where and how the numbers were produced (versions, git commit, device name, thread count) belongs in `provenance`
 and does not split a run.
 
+Schema: versioned Alembic migrations (`taps_bench.migrations`) that `Store` applies whenever it opens a database: a
+fresh one is created at the newest revision, an older one (including one written before migrations existed) is
+upgraded in place, and one migrated by a newer taps-bench is refused. SQLite and PostgreSQL are both supported.
+
+Concurrency: several processes may write one database. Each write that can race (creating a run, adding a sample,
+recording a cell) is its own transaction; when a concurrent writer wins (IntegrityError on a unique key), the loser
+reads the winner's row in a new transaction, never in the failed one (PostgreSQL refuses every statement in a
+transaction after an error).
+
 Provenance policy: a run keeps the provenance of the session that created it. When a later session resumes the run
 with a different provenance (another commit, another machine), that provenance is appended to the list
 `provenance["later_sessions"]` rather than overwriting the first, so mixed-session runs remain visible.
@@ -42,16 +51,19 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from taps_bench import migrations
 from taps_bench.errors import UserError
 from taps_bench.paths import home as taps_bench_home
 
-# Bump when the tables change in a way `create_all` cannot apply to an existing database.
+# The `meta.schema_version` row that releases from before migrations check (they refuse any other value). Schema
+# changes are Alembic revisions now; a revision raises this only when those releases can no longer use the tables.
 SCHEMA_VERSION = 1
 
 RUN_KINDS = ("baseline", "speculative")
@@ -200,10 +212,11 @@ STORE_OWNED = ("id", "run_id", "created_at")
 def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
-    # SQLite drops the timezone on the way back; every timestamp we write is UTC.
+    # SQLite drops the timezone on the way back; every timestamp we write is UTC. PostgreSQL returns it in the
+    # session's time zone, hence the conversion, so that both backends give the same text.
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat()
+    return value.astimezone(timezone.utc).isoformat()
 
 
 def _to_dict(obj: Base, columns: Sequence[str]) -> dict[str, Any]:
@@ -315,12 +328,12 @@ def _prepare_sqlite_path(path: Path) -> None:
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
+        # First, so that the pragmas below (switching to WAL takes a lock) wait for a concurrent opener too.
+        cursor.execute("PRAGMA busy_timeout=30000")
         # WAL: a reader (`taps-bench show`, the leaderboard) does not block the run that is writing, and vice versa.
         cursor.execute("PRAGMA journal_mode=WAL")
         # SQLite ignores foreign keys unless asked, per connection.
         cursor.execute("PRAGMA foreign_keys=ON")
-        # Parallel runs sharing one file wait for each other's short commits instead of failing with "locked".
-        cursor.execute("PRAGMA busy_timeout=30000")
     finally:
         cursor.close()
 
@@ -348,19 +361,18 @@ class Store:
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_on_connect)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        where = str(self.path) if self.path is not None else shown
         try:
-            Base.metadata.create_all(self.engine)
-            self._check_schema()
-        except UserError:
-            self.engine.dispose()
-            raise
+            self._open_schema(where)
         except SQLAlchemyError as exc:
             self.engine.dispose()
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            where = str(self.path) if self.path is not None else shown
             raise UserError(
                 f"cannot open the database {where}: {reason}; pass --db with a writable path or URL"
             ) from exc
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def __repr__(self) -> str:
         return f"Store({self.url.render_as_string(hide_password=True)!r})"
@@ -375,16 +387,31 @@ class Store:
         """Release the connections (the data is already committed)."""
         self.engine.dispose()
 
-    def _check_schema(self) -> None:
-        with self._session() as s, s.begin():
-            row = s.get(Meta, "schema_version")
-            if row is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif row.value != str(SCHEMA_VERSION):
-                raise UserError(
-                    f"the database {self} has schema version {row.value}, this taps-bench uses {SCHEMA_VERSION}; "
-                    "pass --db with another path or export the old results with the version that wrote them"
-                )
+    def _open_schema(self, where: str) -> None:
+        """Check the database's schema revision and migrate it to head if needed (see `taps_bench.migrations`)."""
+        # Nearly every open finds the database at head: look without the lock first, so that opening never waits
+        # for another process's write transaction when there is nothing to migrate.
+        with self.engine.connect() as conn:
+            if migrations.current(conn, where) == (migrations.head(),):
+                self._check_schema_version(conn)
+                return
+        with migrations.exclusive(self.engine) as conn:
+            # Again under the lock: a process that opened the database at the same time may have migrated it.
+            revisions = migrations.current(conn, where)
+            self._check_schema_version(conn)
+            if revisions != (migrations.head(),):
+                migrations.upgrade(conn, revisions)
+
+    def _check_schema_version(self, conn: Connection) -> None:
+        # Before migrating, so that a database some future release marked as unusable for us is left untouched.
+        if not inspect(conn).has_table(Meta.__tablename__):
+            return
+        value = conn.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+        if value is not None and not (value.isdigit() and int(value) <= SCHEMA_VERSION):
+            raise UserError(
+                f"the database {self} has schema version {value}, this taps-bench uses {SCHEMA_VERSION}; "
+                "pass --db with another path or export the old results with the version that wrote them"
+            )
 
     # ----------------------------------------------------------------------------------------------------- runs
 
@@ -460,10 +487,16 @@ class Store:
         if unknown:
             raise UserError(f"unknown run filter {', '.join(sorted(unknown))}: known: {', '.join(RUN_COLUMNS)}")
         stmt = select(Run)
+        by_value: dict[str, Any] = {}
         for name, value in filters.items():
-            if value is not None:
+            if value is None:
+                continue
+            if isinstance(Run.__table__.c[name].type, JSON):
+                # PostgreSQL has no equality on json; compare the stored (canonical) values here instead.
+                by_value[name] = json.loads(canonical_json(value))
+            else:
                 stmt = stmt.where(getattr(Run, name) == value)
-        rows = self._runs(stmt)
+        rows = [r for r in self._runs(stmt) if all(r[k] == v for k, v in by_value.items())]
         if settings:
             wanted = json.loads(canonical_json(settings))
             rows = [r for r in rows if all(k in r["settings"] and r["settings"][k] == v for k, v in wanted.items())]
@@ -525,13 +558,26 @@ class Store:
         if status not in CELL_STATUSES:
             raise ValueError(f"cell status must be one of {', '.join(CELL_STATUSES)}, got {status!r}")
         cell = json.loads(canonical_json(cell))
-        with self._session() as s, s.begin():
-            row = s.scalars(select(Cell).where(Cell.key == key)).one_or_none()
-            if row is None:
-                row = Cell(key=key, matrix=matrix, cell=cell, attempts=0)
-                s.add(row)
-            row.status, row.error, row.attempts = status, error, (row.attempts or 0) + 1
-            row.run_id, row.baseline_run_id = run_id, baseline_run_id
+        for retry in (False, True):
+            try:
+                with self._session() as s, s.begin():
+                    row = s.scalars(select(Cell).where(Cell.key == key)).one_or_none()
+                    if row is None:
+                        row = Cell(key=key, matrix=matrix, cell=cell, attempts=1)
+                        s.add(row)
+                    else:
+                        # Incremented by the database (SET attempts = attempts + 1), so that concurrent records of
+                        # one cell each count instead of overwriting the count they all read.
+                        row.attempts = Cell.attempts + 1  # type: ignore[assignment]
+                    row.status, row.error = status, error
+                    row.run_id, row.baseline_run_id = run_id, baseline_run_id
+                return
+            except IntegrityError:
+                # Another process inserted this cell between our select and insert. The failed transaction is
+                # gone (PostgreSQL refuses every statement after an error until rollback), so the retry starts a
+                # new one and finds their row to update.
+                if retry:
+                    raise
 
     def cell(self, key: str) -> dict[str, Any] | None:
         with self._session() as s:
