@@ -29,13 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from taps_bench.cards import SubmissionCard
 from taps_bench.errors import UserError
-from taps_bench.registry import Registry, yaml_line
+from taps_bench.registry import Registry, read_yaml_mapping, validate_yaml
 from taps_bench.store import RUN_KINDS, STORE_OWNED, Store, normalise_sample, run_key
 
 FORMAT = "taps-bench-bundle"
@@ -64,33 +63,18 @@ _CARD_FIXES = {
 
 def read_card(path: Path) -> SubmissionCard:
     """Parse and validate a submission card; any problem is one line naming the file, line, field and fix."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read submission card {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"malformed submission card {where}: {getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"malformed submission card {path}:1: expected a mapping of fields, got "
-                        f"{type(data).__name__}")
-    try:
-        return SubmissionCard.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        field = str(loc[0]) if loc else "(card)"
+    data, text = read_yaml_mapping(path, "submission card")
+
+    def explain(err: dict[str, Any]) -> str:
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = "missing required field"
         elif err["type"] == "extra_forbidden":
             msg = f"unknown field (known: {', '.join(SubmissionCard.model_fields)})"
-        fix = _CARD_FIXES.get(field, "")
-        raise UserError(f"malformed submission card {path}:{yaml_line(text, loc) or 1}: "
-                        f"{'.'.join(map(str, loc)) or field}: {msg}" + (f"; {fix}" if fix else "")) from None
+        fix = _CARD_FIXES.get(str(err["loc"][0]) if err["loc"] else "", "")
+        return msg + (f"; {fix}" if fix else "")
+
+    return validate_yaml(SubmissionCard, data, path, text, "submission card", explain)
 
 
 def card_json(card: SubmissionCard) -> dict[str, Any]:

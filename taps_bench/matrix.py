@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
 from taps_bench.errors import UserError
-from taps_bench.registry import PACKAGE_DIR, Registry, yaml_line
+from taps_bench.registry import PACKAGE_DIR, Registry, read_yaml_mapping, validate_yaml
 from taps_bench.resolve import ProposerSpec
 from taps_bench.runner import skip_in_bar
 from taps_bench.store import Store, canonical_json
@@ -141,22 +140,8 @@ def find_spec(name_or_path: str) -> Path:
 
 def load_spec(path: Path) -> MatrixSpec:
     """Read and validate a spec; any problem is one line naming the file, line and field."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise UserError(f"malformed matrix spec {path}:{mark.line + 1 if mark else 1}: "
-                        f"{getattr(exc, 'problem', None) or exc}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"malformed matrix spec {path}:1: expected a mapping of fields")
-    try:
-        return MatrixSpec.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        raise UserError(f"malformed matrix spec {path}:{yaml_line(text, loc) or 1}: "
-                        f"{'.'.join(map(str, loc)) or '(spec)'}: {err['msg']}") from exc
+    data, text = read_yaml_mapping(path, "matrix spec")
+    return validate_yaml(MatrixSpec, data, path, text, "matrix spec")
 
 
 def check(spec: MatrixSpec, reg: Registry) -> None:

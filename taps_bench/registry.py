@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from taps_bench.cards import CARD_DIRS, CARD_TYPES, Card, CorpusCard, DrafterCard, RecipeCard, TargetCard, TaskCard
 from taps_bench.errors import UserError, unknown_name
@@ -25,6 +25,7 @@ KINDS = ("target", "drafter", "combiner", "task", "corpus", "recipe")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 C = TypeVar("C", bound=Card)
+M = TypeVar("M", bound=BaseModel)
 
 _COMBINERS: dict[str, type] = {}
 
@@ -70,31 +71,46 @@ def yaml_line(text: str, key_path: tuple[Any, ...]) -> int | None:
     return line if line is not None else (node.start_mark.line + 1 if node is not None else None)
 
 
-def parse_card(path: Path, kind: str | None = None) -> Card:
-    """Read and validate one card file; a malformed card is a UserError naming the file and line."""
-    text = path.read_text(encoding="utf-8")
+def read_yaml_mapping(path: Path, what: str) -> tuple[dict[str, Any], str]:
+    """A YAML file holding a mapping, and its text; unreadable or malformed YAML is one line with file:line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"malformed card {where}: {getattr(exc, 'problem', None) or exc}") from exc
+        raise UserError(f"malformed {what} {where}: {getattr(exc, 'problem', None) or exc}") from exc
     if not isinstance(data, dict):
-        raise UserError(f"malformed card {path}:1: expected a mapping of fields, got {type(data).__name__}")
-    data = dict(data)
+        raise UserError(f"malformed {what} {path}:1: expected a mapping of fields, got {type(data).__name__}")
+    return dict(data), text
+
+
+def validate_yaml(model: type[M], data: dict[str, Any], path: Path, text: str, what: str,
+                  explain: Callable[[dict[str, Any]], str] | None = None) -> M:
+    """`model` validated from `data` read out of `path`; the first error is one line naming the file, the line of
+    the offending field and the field (plus `explain(error)` when given: a hint on how to fix it)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        field_name = ".".join(str(p) for p in loc) or "(top level)"
+        message = explain(err) if explain else err["msg"]
+        raise UserError(f"malformed {what} {path}:{yaml_line(text, loc) or 1}: {field_name}: {message}") from exc
+
+
+def parse_card(path: Path, kind: str | None = None) -> Card:
+    """Read and validate one card file; a malformed card is a UserError naming the file and line."""
+    data, text = read_yaml_mapping(path, "card")
     declared = data.pop("kind", None)
     kind = kind or declared
     if kind not in CARD_TYPES:
         raise UserError(f"malformed card {path}:1: cannot tell what kind of card this is; add `kind: "
                         f"{'|'.join(CARD_TYPES)}` or put it under {'/, '.join(CARD_DIRS.values())}/")
-    try:
-        return CARD_TYPES[kind].model_validate({**data, "origin": str(path)})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        line = yaml_line(text, loc) or 1
-        field_name = ".".join(str(p) for p in loc) or "(card)"
-        raise UserError(f"malformed card {path}:{line}: {field_name}: {err['msg']}") from exc
+    return validate_yaml(CARD_TYPES[kind], {**data, "origin": str(path)}, path, text, "card")
 
 
 def _cards_from_object(obj: Any, kind: str, origin: str) -> list[Card]:
