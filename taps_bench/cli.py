@@ -525,6 +525,69 @@ def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> Non
     click.echo(f"leaderboard: {result['boards']} boards, {result['rows']} rows -> {target / 'index.html'}")
 
 
+@cli.command("lm-eval")
+@click.option("--tasks", required=True, help="Comma-separated lm-eval tasks on local data, e.g. gsm8k,minerva_math500.")
+@click.option("--drafter", default=None, help="Drafter name (resolved for the target) or a checkpoint directory.")
+@click.option("--combiner", default=None, help="Combine several drafters (see `taps-bench list combiners`).")
+@click.option("--drafters", default=None, help="Comma-separated drafters for --combiner.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="average: alpha * A + (1 - alpha) * B.")
+@click.option("--granularity", default="step", show_default=True, help="confidence/entropy routing: step or prompt.")
+@click.option("--budget", default="full", show_default=True, help="merged-tree: full (each keeps its tree) or equal.")
+@click.option("--total-tokens", type=int, default=None, help="Tree size incl. root; default from the target card.")
+@click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels).")
+@click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
+@click.option("--baseline", is_flag=True,
+              help="Also evaluate the plain target (greedy, no drafter) and compare outputs sample for sample; "
+                   "alone, evaluate only the plain target.")
+@click.option("--target", default=None, help="Target name; default: the CPU or GPU default for this machine.")
+@click.option("--limit", type=int, default=None, help="First N documents of each task (lm-eval's --limit).")
+@click.option("--num-fewshot", type=int, default=None, help="Override the tasks' few-shot count.")
+@click.option("--max-gen-toks", type=int, default=256, show_default=True,
+              help="Generation limit for tasks that set none (lm-eval's HF model default).")
+@click.option("--apply-chat-template", is_flag=True, help="Render prompts with the target's chat template "
+              "(few-shot examples as turns), as lm-eval's --apply_chat_template.")
+@click.option("--system-instruction", default=None, help="System message for every prompt (lm-eval's option).")
+@click.option("--output", type=click.Path(file_okay=False), default=None,
+              help="Directory for lm-eval's results JSON and per-sample JSONL; default $TAPS_BENCH_HOME/lm-eval.")
+@click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache.")
+@click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (tasks that sample).")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
+@click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@click.pass_obj
+def lm_eval_cmd(obj: Context, tasks: str, drafter: str | None, combiner: str | None, drafters: str | None,
+                alpha: float, granularity: str, budget: str, total_tokens: int | None, depth: int | None,
+                top_k: int | None, baseline: bool, target: str | None, limit: int | None, num_fewshot: int | None,
+                max_gen_toks: int, apply_chat_template: bool, system_instruction: str | None, output: str | None,
+                db: str | None, data_dir: str | None, device: str | None, dtype: str | None, seed: int,
+                allow_pickle: bool, no_build: bool, no_progress: bool, as_json: bool) -> None:
+    """Accuracy with lm-evaluation-harness: run lm-eval's tasks (on local data) through a drafter or combiner and
+    report exact match beside tau; results JSON from lm-eval, counters and accuracy in the database."""
+    import logging
+
+    from taps_bench import lmeval as lme
+    from taps_bench.paths import home
+
+    if not obj.debug:  # lm-eval logs every step at INFO; keep its warnings
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    _quiet_libraries()
+    names = tuple(d.strip() for d in (drafters or "").split(",") if d.strip())
+    opts = lme.LmEvalOptions(
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), target=target, spec_drafter=drafter,
+        combiner=combiner, drafters=names, alpha=alpha, granularity=granularity, budget=budget,
+        total_tokens=total_tokens, depth=depth, top_k=top_k, baseline=baseline, limit=limit, num_fewshot=num_fewshot,
+        max_gen_toks=max_gen_toks, apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+        output=Path(output) if output else home() / "lm-eval", db=db, data_dir=data_dir, device=device, dtype=dtype,
+        seed=seed, allow_pickle=allow_pickle, build=not no_build, show_progress=not no_progress)
+    result = lme.run(obj.registry, opts, echo=click.echo, err=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

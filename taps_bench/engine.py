@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,8 +184,13 @@ def _grow(values: list[int], depth: int) -> None:
 @torch.inference_mode()
 def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sampling, max_new_tokens: int,
              stop_ids: tuple[int, ...], gen: torch.Generator | None = None,
-             max_context: int | None = None) -> Generation:
-    """Decode one prompt. Returns the new token ids (stop token included, as `generate` does) and raw counters."""
+             max_context: int | None = None, stop_when: Callable[[list[int]], bool] | None = None) -> Generation:
+    """Decode one prompt. Returns the new token ids (stop token included, as `generate` does) and raw counters.
+
+    `stop_when(output_ids)`, when given, is asked after every emitted token and ends decoding (stop reason
+    "stop_string") when it returns True: for text stop sequences (lm-eval's `until`), which no token id expresses.
+    It is checked per token, not per step, so a speculative run stops on the same token as the baseline.
+    """
     device = model.lm_head.weight.device
     gen = gen or sampling.generator()
     stops = set(stop_ids)
@@ -203,7 +209,8 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
     c.steps = 1
     c.prefill_s = _sync(device) - start
 
-    reason = "stop_token" if root in stops else ("max_new_tokens" if max_new_tokens <= 1 else "")
+    reason = ("stop_token" if root in stops else "stop_string" if stop_when is not None and stop_when(out)
+              else "max_new_tokens" if max_new_tokens <= 1 else "")
     while not reason:
         if context + 1 > max_context:  # checked before drafting: a tree that cannot be verified is never drafted
             reason = "context"
@@ -240,6 +247,9 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
             out.append(tok)
             if tok in stops:
                 reason = "stop_token"
+                break
+            if stop_when is not None and stop_when(out):
+                reason = "stop_string"
                 break
             if len(out) >= max_new_tokens:
                 reason = "max_new_tokens"

@@ -213,9 +213,15 @@ def collect(store: Store, reg: Registry | None = None) -> list[Board]:
     boards = []
     for (target, temperature), rows_by_key in sorted(groups.items()):
         rows = []
-        labels = defaultdict(int)
+        labels: dict[str, int] = defaultdict(int)
         for proposer, _ in rows_by_key:
             labels[proposer] += 1
+        declared = {t["id"] for t in schema.tasks}
+        # Rows with nothing in the declared tasks (e.g. `taps-bench lm-eval` runs, stored as lm-eval:<task>) have
+        # no cell in the board; they stay in the database and its exports.
+        rows_by_key = {k: v for k, v in rows_by_key.items() if declared & set(v)}
+        if not rows_by_key:
+            continue
         for (proposer, variant), per_task in rows_by_key.items():
             settings, provs = info[(target, temperature, proposer, variant)]
             row = Row(name=proposer, kind="combiner" if "combiner" in settings else "drafter", settings=settings,

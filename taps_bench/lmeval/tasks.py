@@ -1,0 +1,167 @@
+"""lm-eval's own task definitions pointed at the local data, and taps-bench's scoring of the same rows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from taps_bench.errors import UserError
+from taps_bench.lmeval.model import LOCAL_DATASETS
+from taps_bench.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+# -- lm-eval's tasks on local data -----------------------------------------------------------------------------
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs for their plain fields: `!function` references stay text."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+
+
+def read_task_config(path: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
+    """A task YAML with its `include`s merged (the including file's keys win), as lm-eval merges them."""
+    path = path.resolve()
+    if path in _seen:
+        raise UserError(f"include cycle at {path}")
+    cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader) or {}  # a SafeLoader
+    includes = cfg.pop("include", None)
+    merged: dict[str, Any] = {}
+    for inc in [includes] if isinstance(includes, str) else list(includes or []):
+        merged |= read_task_config(Path(inc) if Path(inc).is_absolute() else path.parent / inc, _seen | {path})
+    return merged | cfg
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).resolve().parent / "tasks"
+
+
+def find_task_yaml(name: str) -> Path:
+    """The stock YAML that defines task `name` (a quick text scan; lm-eval's index as a fallback)."""
+    pattern = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.MULTILINE)
+    hits = [p for p in sorted(lm_eval_tasks_dir().rglob("*.yaml")) if pattern.search(p.read_text(errors="ignore"))]
+    if len(hits) == 1:
+        return hits[0]
+    from lm_eval.tasks import TaskManager
+
+    entry = TaskManager().task_index.get(name)
+    where = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+    if entry is None or not where or where == -1:
+        raise UserError(f"lm-eval has no task named '{name}' defined by a YAML file (see `lm_eval ls tasks`)")
+    return Path(where)
+
+
+@dataclass
+class LocalTask:
+    name: str
+    stock_yaml: Path
+    config_path: Path  # the generated YAML
+    dataset_path: str  # the hub dataset it replaces
+    files: dict[str, Path]  # split -> local file
+    taps_task: str | None
+
+    @property
+    def data_file(self) -> Path:
+        return self.files.get("test") or next(iter(self.files.values()))
+
+
+def write_local_tasks(names: Sequence[str], data_dir: Path, out_dir: Path) -> dict[str, LocalTask]:
+    """For each lm-eval task, a YAML in `out_dir` that includes the stock one and reads the local copy of its
+    dataset. A task whose dataset taps-bench has no local copy of is refused (nothing may come from the hub)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = {}
+    for name in names:
+        stock = find_task_yaml(name)
+        cfg = read_task_config(stock)
+        dataset = str(cfg.get("dataset_path") or "")
+        if not dataset:
+            raise UserError(f"lm-eval task '{name}' names no dataset (a group or a Python-defined task?); pass "
+                            "single tasks such as gsm8k, minerva_math500")
+        local = LOCAL_DATASETS.get(dataset)
+        if local is None:
+            known = sorted({k for k in LOCAL_DATASETS if "/" in k})
+            raise UserError(f"lm-eval task '{name}' reads the dataset '{dataset}' from the hub; taps-bench "
+                            f"has local copies of {', '.join(known)} only (tasks such as gsm8k, minerva_math500)")
+        files = {split: data_dir / rel for split, rel in local["files"].items()}
+        needed = {str(cfg.get(k)) for k in ("test_split", "validation_split", "training_split", "fewshot_split")
+                  if cfg.get(k)}
+        missing = sorted(needed - set(files))
+        if missing:
+            raise UserError(f"lm-eval task '{name}' uses split(s) {', '.join(missing)} of {dataset}, which taps-bench "
+                            "has no local copy of")
+        for f in files.values():
+            if not f.is_file():
+                raise UserError(f"lm-eval task '{name}': local data file {f} not found; set TAPS_BENCH_DATA or "
+                                "pass --data-dir")
+        override = {"include": str(stock), "task": name, "dataset_path": "json", "dataset_name": None,
+                    "dataset_kwargs": {"data_files": {split: str(f) for split, f in files.items()}}}
+        path = out_dir / f"{name}.yaml"
+        path.write_text("# generated by taps-bench: the stock task, reading local files instead of the hub\n"
+                        + yaml.safe_dump(override, sort_keys=False))
+        tasks[name] = LocalTask(name=name, stock_yaml=stock, config_path=path, dataset_path=dataset, files=files,
+                                taps_task=local.get("taps_task"))
+    return tasks
+
+
+def go_offline() -> None:
+    """No hub access from here on: any attempt fails at once instead of hanging on the network. Also set in the
+    libraries' already-imported settings, which read the environment only when first imported."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        loaded = sys.modules.get(module)
+        for name in names:
+            if loaded is not None and hasattr(loaded, name):
+                setattr(loaded, name, True)
+
+
+def task_manager(local_dir: Path) -> Any:
+    """lm-eval's TaskManager over the generated YAMLs only (they include the stock files by absolute path, so
+    indexing lm-eval's ~14k task files is not needed)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(local_dir), include_defaults=False)
+
+
+# -- comparing with taps-bench's own scoring -------------------------------------------------------------------
+
+
+def taps_golds(reg: Registry, task: LocalTask, data_dir: Path) -> list[str | None] | None:
+    """taps-bench's gold answers of the local file, in file order (lm-eval's doc_id order), or None."""
+    if task.taps_task is None or task.taps_task not in reg.cards["task"]:
+        return None
+    from taps_bench.tasks import load_examples
+
+    card = reg.task(task.taps_task)
+    if card.subset is not None:  # a declared subset changes the order; the doc index would not match
+        return None
+    return [ex.gold for ex in load_examples(card, data_dir, None)]
+
+
+def taps_scoring(reg: Registry, task: LocalTask, data_dir: Path,
+                 outputs: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """taps-bench's scorer (`scoring.extract_answer` / `is_correct`) on lm-eval's outputs, by doc id."""
+    from taps_bench.scoring import extract_answer, is_correct
+
+    golds = taps_golds(reg, task, data_dir)
+    if golds is None:
+        return {}
+    scorer = reg.task(str(task.taps_task)).scorer
+    return {doc: {"gold": golds[doc], "extracted": extract_answer(scorer, text),
+                  "correct": is_correct(scorer, text, golds[doc])} for doc, text in outputs.items()}
+
+
