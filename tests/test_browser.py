@@ -70,7 +70,7 @@ def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_
     page, errors, dialogs = check_site(browser, site, "tiny-smol", 5, "leaderboard.png")
     # The hostile name is text on the page, not markup; its description too, on its own page.
     page.goto((site / "index.html").as_uri())
-    names = page.locator("section.board table.leaderboard tbody tr").evaluate_all(
+    names = page.locator("section.board[data-target='tiny-smol'] table.leaderboard tbody tr").evaluate_all(
         "rows => rows.map(r => r.getAttribute('data-name'))")
     assert len(names) == 2 * 5 and EVIL_NAME in names and "math-rand" in names
     assert any(n.startswith("confidence-step(") for n in names)
