@@ -32,19 +32,22 @@ def _svg(width: int, height: int, body: list[str], title: str) -> Markup:
     return Markup(head + "".join(body) + "</svg>")
 
 
-def _legend(names: Sequence[str], x: int, y: int) -> list[str]:
+def _legend(names: Sequence[str], x: int, y: int, clip: int = 60) -> list[str]:
     out = []
     for i, name in enumerate(names):
         yy = y + 14 * i
         out.append(f'<rect x="{x}" y="{yy - 8}" width="10" height="10" fill="{colour(i)}"/>'
-                   f'<text x="{x + 14}" y="{yy + 1}">{_clip(name, 60)}</text>')
+                   f'<text x="{x + 14}" y="{yy + 1}">{_clip(name, clip)}</text>')
     return out
 
 
 def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 300, height: int = 190) -> Markup:
-    """Conditional acceptance (0..1) per draft depth, one line per drafter; `series[name][d-1]` is depth d."""
+    """Conditional acceptance (0..1) per draft depth, one line per drafter; `series[name][d-1]` is depth d.
+    The legend (one line per series) goes below the plot, which keeps its `height`."""
     left, right, top, bottom = 34, 10, 20, 28
     plot_w, plot_h = width - left - right, height - top - bottom
+    legend_y = height + 12
+    height += 14 * len(series) + 10
     depth = max((len(v) for v in series.values()), default=0)
     body = [f'<text x="{left}" y="13" font-weight="600">{escape(title)}</text>']
     for tick in (0, 0.5, 1):
@@ -53,6 +56,7 @@ def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 
                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
     if depth == 0:
         body.append(f'<text x="{left + 8}" y="{top + plot_h / 2:.0f}">no draft tokens recorded</text>')
+        body += _legend(list(series), 8, legend_y)
         return _svg(width, height, body, title)
     step = plot_w / max(1, depth - 1)
     for d in range(depth):
@@ -66,6 +70,7 @@ def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 
         body.append(f'<polyline class="series" points="{path}" fill="none" stroke="{colour(i)}" stroke-width="2">'
                     f'<title>{escape(name)}</title></polyline>')
         body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour(i)}"/>' for x, y in points]
+    body += _legend(list(series), 8, legend_y, clip=46)
     return _svg(width, height, body, title)
 
 
