@@ -46,8 +46,7 @@ def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 
     The legend (one line per series) goes below the plot, which keeps its `height`."""
     left, right, top, bottom = 34, 10, 20, 28
     plot_w, plot_h = width - left - right, height - top - bottom
-    legend_y = height + 12
-    height += 14 * len(series) + 10
+    legend_y, total = height + 12, height + 14 * len(series) + 10
     depth = max((len(v) for v in series.values()), default=0)
     body = [f'<text x="{left}" y="13" font-weight="600">{escape(title)}</text>']
     for tick in (0, 0.5, 1):
@@ -57,7 +56,7 @@ def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 
     if depth == 0:
         body.append(f'<text x="{left + 8}" y="{top + plot_h / 2:.0f}">no draft tokens recorded</text>')
         body += _legend(list(series), 8, legend_y)
-        return _svg(width, height, body, title)
+        return _svg(width, total, body, title)
     step = plot_w / max(1, depth - 1)
     for d in range(depth):
         body.append(f'<text x="{left + d * step:.1f}" y="{height - 14}" text-anchor="middle">{d + 1}</text>')
@@ -71,7 +70,7 @@ def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 
                     f'<title>{escape(name)}</title></polyline>')
         body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour(i)}"/>' for x, y in points]
     body += _legend(list(series), 8, legend_y, clip=46)
-    return _svg(width, height, body, title)
+    return _svg(width, total, body, title)
 
 
 def heatmap(title: str, rows: Sequence[str], columns: Sequence[str], values: dict[tuple[str, str], float | None],
