@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
@@ -29,6 +29,13 @@ from taps_bench.registry import PACKAGE_DIR, Registry, read_yaml_mapping, valida
 from taps_bench.resolve import ProposerSpec
 from taps_bench.runner import skip_in_bar
 from taps_bench.store import Store, canonical_json
+
+if TYPE_CHECKING:  # models are imported when a cell runs, not when a spec is checked
+    from taps_bench.cards import TaskCard
+    from taps_bench.proposer import Proposer
+    from taps_bench.runner import Arm
+    from taps_bench.targets import Target
+    from taps_bench.tasks import Example
 
 MATRIX_DIR = "matrices"
 
@@ -185,12 +192,12 @@ class Outcome:
 class Prepared:
     """Everything a cell needs to decode, loaded."""
 
-    target: Any
+    target: Target
     provenance: dict[str, Any]
-    task: Any
-    examples: list[Any]
-    proposer: Any
-    arm: Any  # the speculative Arm
+    task: TaskCard
+    examples: list[Example]
+    proposer: Proposer
+    arm: Arm  # the speculative arm (the baseline arm shares its sampling and length)
     data_hash: str
 
 
@@ -266,7 +273,7 @@ def run_local(spec: MatrixSpec, reg: Registry, store: Store, data_dir: Path, dev
         prior = store.cell(key)
         if prior is not None and prior["status"] == "done":
             skip_in_bar(bar, per_cell[cell.task])
-            outcomes.append(Outcome(cell, "skipped", _stored_result(store, prior)))
+            outcomes.append(Outcome(cell, "skipped", stored_result(store, prior)))
             continue
         try:
             p = bench.prepare(spec, cell)
@@ -289,7 +296,7 @@ def run_local(spec: MatrixSpec, reg: Registry, store: Store, data_dir: Path, dev
     return outcomes
 
 
-def _stored_result(store: Store, prior: dict[str, Any]) -> dict[str, Any] | None:
+def stored_result(store: Store, prior: dict[str, Any]) -> dict[str, Any] | None:
     """The summary of a cell finished earlier, from its stored samples (so the final table covers every cell)."""
     from taps_bench.metrics import compare_outputs, speedup, summarize
 

@@ -30,11 +30,11 @@ from taps_bench.matrix import (
     MatrixSpec,
     Outcome,
     Workbench,
-    _stored_result,
     check,
     failure,
     plan,
     samples_per_cell,
+    stored_result,
 )
 from taps_bench.registry import Registry
 from taps_bench.store import Store, run_key
@@ -144,7 +144,7 @@ def run_ray(spec: MatrixSpec, reg: Registry, store: Store, data_dir: Path, inclu
     for i, cell in enumerate(cells):
         prior = store.cell(cell.key(spec))
         if prior is not None and prior["status"] == "done":
-            outcomes[i] = Outcome(cell, "skipped", _stored_result(store, prior))
+            outcomes[i] = Outcome(cell, "skipped", stored_result(store, prior))
             _skip(bar, per_cell[cell.task])
         else:
             todo.append(i)
@@ -177,7 +177,7 @@ def run_ray(spec: MatrixSpec, reg: Registry, store: Store, data_dir: Path, inclu
             base_id = ids[0] if spec.baseline else None
             store.record_cell(cell.key(spec), spec.name, cell.identity(spec), "done", run_id=ids[-1],
                               baseline_run_id=base_id)
-            outcomes[i] = Outcome(cell, "done", _stored_result(store, store.cell(cell.key(spec)) or {}))
+            outcomes[i] = Outcome(cell, "done", stored_result(store, store.cell(cell.key(spec)) or {}))
             _skip(bar, per_cell[cell.task] - counted[i])
         else:  # error
             running -= 1
