@@ -208,7 +208,7 @@ def _fill_lossless(store: Store, run: dict[str, Any] | None, sample: dict[str, A
         return
     for base in store.find_runs(kind="baseline", target=run["target"], task=run["task"], temperature=0.0):
         if all(base["settings"].get(k) == run["settings"].get(k) for k in BASELINE_KEYS):
-            ref = store.done(base["id"]).get((str(sample["example_id"]), int(sample["turn"])))
+            ref = store.sample(base["id"], sample["example_id"], sample["turn"])
             if ref is not None:
                 sample["lossless"] = ref["output_ids"] == list(sample["output_ids"])
             return

@@ -540,6 +540,14 @@ class Store:
                 if s.scalars(select(Sample.id).where(*where)).first() is None:
                     raise
 
+    def sample(self, run_id: int, example_id: str, turn: int) -> dict[str, Any] | None:
+        """One stored sample, or None."""
+        stmt = select(Sample).where(Sample.run_id == run_id, Sample.example_id == str(example_id),
+                                    Sample.turn == int(turn))
+        with self._session() as s:
+            row = s.scalars(stmt).first()
+            return _to_dict(row, SAMPLE_COLUMNS) if row is not None else None
+
     def done(self, run_id: int) -> dict[tuple[str, int], dict[str, Any]]:
         """The stored samples of a run, keyed by (example_id, turn); example ids are strings."""
         return {(d["example_id"], d["turn"]): d for d in self.samples(run_id)}
