@@ -94,6 +94,29 @@ def _common(f: Any) -> Any:
     return f
 
 
+def _proposer_options(f: Any) -> Any:
+    """What names a proposer (one drafter, or a combiner over several) and its tree: shared by run and lm-eval."""
+    options = [
+        click.option("--drafter", default=None,
+                     help="Drafter name (resolved for the target) or a checkpoint directory."),
+        click.option("--combiner", default=None, help="Combine several drafters (see `taps-bench list combiners`)."),
+        click.option("--drafters", default=None, help="Comma-separated drafters for --combiner."),
+        click.option("--alpha", type=float, default=0.5, show_default=True,
+                     help="average: alpha * A + (1 - alpha) * B."),
+        click.option("--granularity", default="step", show_default=True,
+                     help="confidence/entropy routing: step or prompt."),
+        click.option("--budget", default="full", show_default=True,
+                     help="merged-tree: full (each keeps its tree) or equal."),
+        click.option("--total-tokens", type=int, default=None,
+                     help="Tree size incl. root; default from the target card."),
+        click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels)."),
+        click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _db_url(db: str | None) -> str:
     from taps_bench.store import as_url, default_db_url
 
@@ -190,15 +213,7 @@ _TABLE = [("arm", "arm"), ("samples", "samples"), ("new_tokens", "tokens"), ("ta
 
 
 @cli.command()
-@click.option("--drafter", default=None, help="Drafter name (resolved for the target) or a checkpoint directory.")
-@click.option("--combiner", default=None, help="Combine several drafters (see `taps-bench list combiners`).")
-@click.option("--drafters", default=None, help="Comma-separated drafters for --combiner.")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="average: alpha * A + (1 - alpha) * B.")
-@click.option("--granularity", default="step", show_default=True, help="confidence/entropy routing: step or prompt.")
-@click.option("--budget", default="full", show_default=True, help="merged-tree: full (each keeps its tree) or equal.")
-@click.option("--total-tokens", type=int, default=None, help="Tree size incl. root; default from the target card.")
-@click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels).")
-@click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
+@_proposer_options
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
 @click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
 @click.option("--no-baseline", is_flag=True,
@@ -527,15 +542,7 @@ def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> Non
 
 @cli.command("lm-eval")
 @click.option("--tasks", required=True, help="Comma-separated lm-eval tasks on local data, e.g. gsm8k,minerva_math500.")
-@click.option("--drafter", default=None, help="Drafter name (resolved for the target) or a checkpoint directory.")
-@click.option("--combiner", default=None, help="Combine several drafters (see `taps-bench list combiners`).")
-@click.option("--drafters", default=None, help="Comma-separated drafters for --combiner.")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="average: alpha * A + (1 - alpha) * B.")
-@click.option("--granularity", default="step", show_default=True, help="confidence/entropy routing: step or prompt.")
-@click.option("--budget", default="full", show_default=True, help="merged-tree: full (each keeps its tree) or equal.")
-@click.option("--total-tokens", type=int, default=None, help="Tree size incl. root; default from the target card.")
-@click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels).")
-@click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain.")
+@_proposer_options
 @click.option("--baseline", is_flag=True,
               help="Also evaluate the plain target (greedy, no drafter) and compare outputs sample for sample; "
                    "alone, evaluate only the plain target.")
