@@ -507,6 +507,50 @@ def test_extract_writes_atomic_resumable_shards(smol, tmp_path, monkeypatch):
                    show_progress=False) != directory
 
 
+def _qa(tag: str, n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"{tag} question {i}: what is {i} times {i}?"},
+             {"role": "assistant", "content": f"{tag} answer: {i * i}."}] for i in range(n)]
+
+
+@pytest.mark.smollm
+def test_a_mixture_takes_the_features_of_its_parts_from_their_caches(smol, tmp_path, monkeypatch):
+    """`a:2+b:2` after `a:4`: only b's sequences (and one spot check of a's cache) run through the target, and the
+    shards are identical to a fresh extraction; a cache made with other numerics is never mixed in."""
+    monkeypatch.setenv("TAPS_BENCH_HOME", str(tmp_path / "home"))
+    model = tiny_target("llama", seed=1, vocab=49152, hidden=32, layers=1, heads=2, kv_heads=1)
+    target = smol_target(smol, model=model, tag="mix")
+    calls: list[int] = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+    a, b = _qa("alpha", 4), _qa("beta", 3)
+    part_a = extract(target, a, "a:4", "hash-a", max_len=64, shard_size=2, show_progress=False)
+    assert len(calls) == 4
+
+    mixture = [a[1], b[0], a[3], b[2]]
+    calls.clear()
+    mixed = extract(target, mixture, "a:2+b:2", "hash-mix", max_len=64, shard_size=3, show_progress=False)
+    assert len(calls) == 2 + 1  # b's two sequences, and a's first reused one recomputed to check the cache
+    assert json.loads((mixed / "manifest.json").read_text())["reused_from"] == {part_a.name: 2}
+
+    monkeypatch.setenv("TAPS_BENCH_HOME", str(tmp_path / "fresh"))
+    fresh = extract(target, mixture, "a:2+b:2", "hash-mix", max_len=64, shard_size=3, show_progress=False,
+                    share=False)
+    for got, want in zip(load_sequences(mixed), load_sequences(fresh), strict=True):
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.mask, want.mask)
+        assert torch.equal(got.hidden, want.hidden)
+
+    # Same checkpoint hash, other numbers (as features made in another dtype or on another device would be):
+    # the spot check fails, so every sequence is run through this target.
+    monkeypatch.setenv("TAPS_BENCH_HOME", str(tmp_path / "home"))
+    other_model = tiny_target("llama", seed=2, vocab=49152, hidden=32, layers=1, heads=2, kv_heads=1)
+    other = smol_target(smol, model=other_model, tag="mix")
+    mixed2 = extract(other, mixture, "a:2+b:2", "hash-mix-2", max_len=64, shard_size=3, show_progress=False)
+    assert json.loads((mixed2 / "manifest.json").read_text())["reused_from"] == {}
+    for conv, seq in zip(mixture, load_sequences(mixed2), strict=True):
+        with torch.inference_mode():
+            want = other_model.model(input_ids=torch.tensor([encode(other, conv, 64)[0]])).last_hidden_state[0]
+        assert torch.equal(seq.hidden, want.to(torch.float16))
+
+
 def test_sequences_round_trip_through_make_batch(tiny):
     seqs = make_seqs(tiny, [5, 8], seed=16)
     seqs[0].mask[:2] = False
