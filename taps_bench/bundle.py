@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from taps_bench.cards import SubmissionCard
 from taps_bench.errors import UserError
+from taps_bench.paths import write_atomic
 from taps_bench.registry import Registry, read_yaml_mapping, validate_yaml
 from taps_bench.store import RUN_KINDS, STORE_OWNED, Store, normalise_sample, run_key
 
@@ -141,10 +142,8 @@ def _run_record(store: Store, run_id: int, drafter_card: dict[str, Any] | None) 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write NAME.part, then rename: a killed `submit` never leaves a half-written bundle that looks complete."""
-    tmp = path.with_name(path.name + ".part")
     try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write the bundle {path}: {exc.strerror or exc}; pass --out with a writable "
                         "path") from None

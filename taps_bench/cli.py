@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from taps_bench.errors import UserError
+from taps_bench.paths import write_atomic
 from taps_bench.registry import KINDS, Registry
 
 KIND_ALIASES = {f"{k}s": k for k in KINDS} | {"corpora": "corpus"} | {k: k for k in KINDS}
@@ -408,9 +409,7 @@ def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
     if out is None:
         click.echo(text, nl=False)
         return
-    tmp = Path(out + ".part")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_atomic(Path(out), text)
 
 
 @cli.command()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from taps_bench.corpora import Conversation
-from taps_bench.paths import home
+from taps_bench.paths import home, write_atomic
 from taps_bench.targets import Target
 
 FORMAT_VERSION = 1
@@ -79,12 +79,6 @@ def cache_key(target: Target, spec: str, max_len: int, data_hash: str) -> str:
     raw = json.dumps({"target": target.checkpoint_hash, "card": target.card.model_dump(exclude={"origin"}),
                       "spec": spec, "max_len": max_len, "data": data_hash, "v": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    part = path.with_suffix(".part")
-    part.write_text(json.dumps(data, indent=2))
-    part.replace(path)  # atomic, like the shards
 
 
 def _ids_digest(ids: list[int]) -> str:
@@ -151,7 +145,7 @@ def extract(target: Target, convs: list[Conversation], spec: str, data_hash: str
     earlier = json.loads((directory / "manifest.json").read_text()).get("reused_from", {}) \
         if (directory / "manifest.json").is_file() else {}
     manifest["reused_from"] = dict(earlier)
-    _write_json(directory / "manifest.json", manifest)
+    write_atomic(directory / "manifest.json", json.dumps(manifest, indent=2))
     n_shards = (len(convs) + shard_size - 1) // shard_size
     todo = [i for i in range(n_shards) if not (directory / f"shard-{i:05d}.safetensors").is_file()]
     bar = tqdm(total=len(todo) * shard_size, unit="conv", desc=f"features {spec}", file=sys.stderr,
@@ -192,7 +186,7 @@ def extract(target: Target, convs: list[Conversation], spec: str, data_hash: str
         part.replace(directory / f"shard-{shard:05d}.safetensors")  # atomic: a kill never leaves half a shard
         if donors is not None and donors.used:
             manifest["reused_from"] = {k: earlier.get(k, 0) + donors.used.get(k, 0) for k in {*earlier, *donors.used}}
-            _write_json(directory / "manifest.json", manifest)
+            write_atomic(directory / "manifest.json", json.dumps(manifest, indent=2))
     bar.close()
     (directory / "complete").write_text(json.dumps({"shards": n_shards}))
     return directory
