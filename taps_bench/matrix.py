@@ -40,28 +40,8 @@ if TYPE_CHECKING:  # models are imported when a cell runs, not when a spec is ch
 MATRIX_DIR = "matrices"
 
 
-class Entry(BaseModel):
-    """One proposer of the matrix: a drafter, or a combiner over drafters (the same fields as `taps-bench run`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    drafter: str | None = None
-    combiner: str | None = None
-    drafters: tuple[str, ...] = ()
-    alpha: float = 0.5
-    granularity: str = "step"
-    budget: str = "full"
-
-    def spec(self) -> ProposerSpec:
-        return ProposerSpec(drafter=self.drafter, combiner=self.combiner, drafters=self.drafters, alpha=self.alpha,
-                            granularity=self.granularity, budget=self.budget)
-
-    def describe(self) -> str:
-        if self.drafter:
-            return self.drafter
-        extra = {"average": f";alpha={self.alpha:g}", "merged-tree": f";budget={self.budget}"}.get(
-            self.combiner or "", f";{self.granularity}")
-        return f"{self.combiner}({','.join(self.drafters)}{extra})"
+# One proposer of a matrix: exactly what `taps-bench run` takes (a drafter, or a combiner over drafters).
+Entry = ProposerSpec
 
 
 class TreeOverride(BaseModel):
@@ -228,7 +208,7 @@ class Workbench:
         _, target, prov = self._target
         if cell.entry not in self._proposers:
             tree = tree_settings(target, spec.tree.total_tokens, spec.tree.depth, spec.tree.top_k)
-            self._proposers[cell.entry] = build_proposer(self.reg, cell.entry.spec(), target, tree,
+            self._proposers[cell.entry] = build_proposer(self.reg, cell.entry, target, tree,
                                                          data_dir=self.data_dir, show_progress=self.show_progress)
         proposer, label, settings = self._proposers[cell.entry]
         task = self.reg.task(cell.task)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from taps_bench.build import build_recipe, built, store_dir
 from taps_bench.cards import DrafterCard, DrafterForTarget, TargetCard, TreeSettings
 from taps_bench.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
@@ -123,9 +125,10 @@ def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings
                          head_dtype=target.card.draft_head_dtype), settings
 
 
-@dataclass
-class ProposerSpec:
-    """What `run` was asked for: one drafter, or a combiner over several."""
+class ProposerSpec(BaseModel):
+    """What `run` was asked for (or a matrix spec lists): one drafter, or a combiner over several."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     drafter: str | None = None
     combiner: str | None = None
@@ -136,6 +139,13 @@ class ProposerSpec:
 
     def names(self) -> tuple[str, ...]:
         return (self.drafter,) if self.drafter else self.drafters
+
+    def describe(self) -> str:
+        if self.drafter:
+            return self.drafter
+        extra = {"average": f";alpha={self.alpha:g}", "merged-tree": f";budget={self.budget}"}.get(
+            self.combiner or "", f";{self.granularity}")
+        return f"{self.combiner}({','.join(self.drafters)}{extra})"
 
     def check(self, reg: Registry, target: TargetCard, allow_pickle: bool, build: bool) -> None:
         if bool(self.drafter) == bool(self.combiner):
