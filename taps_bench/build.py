@@ -11,9 +11,13 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from taps_bench.cards import RecipeCard
 from taps_bench.corpora import conversations
@@ -34,10 +38,37 @@ def built(target_name: str, name: str) -> Path | None:
     return d if (d / "card.yaml").is_file() and (d / "model.safetensors").is_file() else None
 
 
+@contextmanager
+def building(target_name: str, name: str) -> Iterator[None]:
+    """Hold the store's lock on one drafter while building it. Two processes that need the same recipe drafter (two
+    matrix workers on a fresh machine, say) would otherwise extract and train it side by side into one directory;
+    the second waits, then finds it built."""
+    lock = FileLock(str(store_dir(target_name, name)) + ".lock")
+    store_dir(target_name, name).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[taps-bench] another process is building drafter '{name}' for {target_name}; waiting for it",
+              file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build_drafter(reg: Registry, target: Target, name: str, spec: str, settings: TrainSettings, max_len: int,
                   data_dir: Path, init: Drafter | None = None, init_name: str | None = None,
                   show_progress: bool = True, description: str | None = None) -> Path:
     """Extract features (cached), train (resumable), save the checkpoint and its card. Returns the directory."""
+    with building(target.name, name):
+        return _build(reg, target, name, spec, settings, max_len, data_dir, init, init_name, show_progress,
+                      description)
+
+
+def _build(reg: Registry, target: Target, name: str, spec: str, settings: TrainSettings, max_len: int,
+           data_dir: Path, init: Drafter | None, init_name: str | None, show_progress: bool,
+           description: str | None) -> Path:
     start = time.time()
     out = store_dir(target.name, name)
     (out / "train").mkdir(parents=True, exist_ok=True)
@@ -79,10 +110,13 @@ def build_drafter(reg: Registry, target: Target, name: str, spec: str, settings:
 
 
 def build_recipe(reg: Registry, recipe: RecipeCard, target: Target, data_dir: Path, show_progress: bool = True) -> Path:
+    """The recipe's drafter, built now unless it is already (or, waiting for the lock, has meanwhile been) built."""
     settings = TrainSettings(method=recipe.method, epochs=recipe.epochs, lr=recipe.lr,
                              batch_tokens=recipe.batch_tokens, seed=recipe.seed)
-    return build_drafter(reg, target, recipe.name, recipe.corpus, settings, recipe.max_len, data_dir,
-                         show_progress=show_progress, description=recipe.description)
+    with building(target.name, recipe.name):
+        return built(target.name, recipe.name) or _build(
+            reg, target, recipe.name, recipe.corpus, settings, recipe.max_len, data_dir, None, None, show_progress,
+            recipe.description)
 
 
 def _version(package: str) -> str | None:

@@ -72,3 +72,42 @@ def test_run_builds_a_missing_drafter_then_reuses_it(include: Path, tmp_path: Pa
     assert main(args) == 0 and main([*args, "--no-baseline"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["speedup"] is not None and result["lossless_rate"] == 1.0
+
+
+def test_two_processes_needing_one_recipe_drafter_build_it_once(include: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Two matrix workers reaching an unbuilt recipe drafter at once: one builds, the other waits and loads it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from taps_bench import build
+    from taps_bench.registry import Registry
+
+    monkeypatch.setenv("TAPS_BENCH_HOME", str(tmp_path / "home"))
+    recipe = Registry.load(include=[include]).recipe("tiny-math-eagle2")
+    target = SimpleNamespace(name="smollm2-135m-instruct")
+    builds: list[str] = []
+
+    def slow_build(reg, target, name, *_args):  # stands in for extraction + training (the lock is what is tested)
+        builds.append(name)
+        time.sleep(0.5)
+        out = build.store_dir(target.name, name)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "card.yaml").write_text("name: tiny-math-eagle2\n")
+        return out
+
+    monkeypatch.setattr(build, "_build", slow_build)
+    results: list[Path] = []
+    workers = [threading.Thread(target=lambda: results.append(build.build_recipe(None, recipe, target, DATA)))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+        time.sleep(0.1)
+    for w in workers:
+        w.join()
+    assert builds == ["tiny-math-eagle2"]
+    assert results == [build.store_dir(target.name, "tiny-math-eagle2")] * 2
+    assert "another process is building drafter 'tiny-math-eagle2'" in capsys.readouterr().err
