@@ -11,19 +11,16 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock, Timeout
 
 from taps_bench.cards import RecipeCard
 from taps_bench.corpora import conversations
 from taps_bench.drafter import Drafter
 from taps_bench.features import extract, load_sequences
-from taps_bench.paths import home
+from taps_bench.paths import exclusive, home
 from taps_bench.registry import Registry
 from taps_bench.targets import Target
 from taps_bench.train import TrainSettings, save_trained, train
@@ -38,23 +35,9 @@ def built(target_name: str, name: str) -> Path | None:
     return d if (d / "card.yaml").is_file() and (d / "model.safetensors").is_file() else None
 
 
-@contextmanager
-def building(target_name: str, name: str) -> Iterator[None]:
-    """Hold the store's lock on one drafter while building it. Two processes that need the same recipe drafter (two
-    matrix workers on a fresh machine, say) would otherwise extract and train it side by side into one directory;
-    the second waits, then finds it built."""
-    lock = FileLock(str(store_dir(target_name, name)) + ".lock")
-    store_dir(target_name, name).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[taps-bench] another process is building drafter '{name}' for {target_name}; waiting for it",
-              file=sys.stderr)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+def building(target_name: str, name: str) -> AbstractContextManager[None]:
+    """The store's lock on one drafter while it is built: a second process needing it waits, then finds it built."""
+    return exclusive(store_dir(target_name, name), f"building drafter '{name}' for {target_name}")
 
 
 def build_drafter(reg: Registry, target: Target, name: str, spec: str, settings: TrainSettings, max_len: int,

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from taps_bench.corpora import Conversation
-from taps_bench.paths import home, write_atomic
+from taps_bench.paths import exclusive, home, write_atomic
 from taps_bench.targets import Target
 
 FORMAT_VERSION = 1
@@ -137,6 +137,12 @@ def extract(target: Target, convs: list[Conversation], spec: str, data_hash: str
 
     `share=False` runs the target on every sequence, even those other feature directories already hold."""
     directory = home() / "features" / cache_key(target, spec, max_len, data_hash)
+    with exclusive(directory, f"extracting features of {spec} for {target.name}"):
+        return _extract(target, convs, spec, data_hash, max_len, directory, shard_size, show_progress, share)
+
+
+def _extract(target: Target, convs: list[Conversation], spec: str, data_hash: str, max_len: int, directory: Path,
+             shard_size: int, show_progress: bool, share: bool) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"target": target.name, "target_sha256": target.checkpoint_hash, "spec": spec, "max_len": max_len,
                 "data_sha256": data_hash, "conversations": len(convs), "shard_size": shard_size,

@@ -551,6 +551,35 @@ def test_a_mixture_takes_the_features_of_its_parts_from_their_caches(smol, tmp_p
         assert torch.equal(seq.hidden, want.to(torch.float16))
 
 
+@pytest.mark.smollm
+def test_two_processes_extracting_one_corpus_run_the_target_once(smol, tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+
+    monkeypatch.setenv("TAPS_BENCH_HOME", str(tmp_path))
+    model = tiny_target("llama", seed=1, vocab=49152, hidden=32, layers=1, heads=2, kv_heads=1)
+    target = smol_target(smol, model=model, tag="lock")
+    calls: list[int] = []
+
+    def slow_forward(*_: object) -> None:  # long enough that the two extractions would overlap without the lock
+        calls.append(1)
+        time.sleep(0.05)
+
+    model.model.register_forward_hook(slow_forward)
+    convs = _qa("gamma", 4)
+    out: list[Path] = []
+    workers = [threading.Thread(target=lambda: out.append(
+        extract(target, convs, "g:4", "hash-g", max_len=64, shard_size=2, show_progress=False))) for _ in range(2)]
+    for w in workers:
+        w.start()
+        time.sleep(0.02)
+    for w in workers:
+        w.join()
+    assert len(calls) == 4 and len(out) == 2 and out[0] == out[1]
+    assert "another process is extracting features of g:4" in capsys.readouterr().err
+    assert len(load_sequences(out[0])) == 4
+
+
 def test_sequences_round_trip_through_make_batch(tiny):
     seqs = make_seqs(tiny, [5, 8], seed=16)
     seqs[0].mask[:2] = False
