@@ -81,8 +81,8 @@ def cache_key(target: Target, spec: str, max_len: int, data_hash: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def _ids_digest(ids: list[int]) -> str:
-    return hashlib.sha256(torch.tensor(ids, dtype=torch.int32).numpy().tobytes()).hexdigest()
+def _ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
 
 
 class Donors:
@@ -110,12 +110,12 @@ class Donors:
                     ids = f.get_tensor("ids") if lengths else None
                 start = 0
                 for n in lengths:
-                    self.index.setdefault(_ids_digest(ids[start:start + n].tolist()), (shard, start, n))
+                    self.index.setdefault(_ids_digest(ids[start:start + n]), (shard, start, n))
                     start += n
 
     def take(self, ids: list[int], forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """The cached float16 hidden states of `ids`, or None (then the caller runs the target)."""
-        hit = self.index.get(_ids_digest(ids))
+        hit = self.index.get(_ids_digest(torch.tensor(ids)))
         if hit is None:
             return None
         shard, start, n = hit
