@@ -84,15 +84,25 @@ def _common(f: Any) -> Any:
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--max-new-tokens", type=int, default=512, show_default=True),
         click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache."),
-        click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present."),
-        click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout."),
-        click.option("--no-progress", is_flag=True, help="No progress bar."),
     ]
+    return _apply(options, _machine_options(f))
+
+
+def _apply(options: list[Any], f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _machine_options(f: Any) -> Any:
+    """Where the data is, what runs the target and how results are reported: every command that loads a target."""
+    return _apply([
+        click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present."),
+        click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout."),
+    ], f)
 
 
 def _proposer_options(f: Any) -> Any:
@@ -113,9 +123,7 @@ def _proposer_options(f: Any) -> Any:
         click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels)."),
         click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _apply(options, f)
 
 
 def _db_url(db: str | None) -> str:
@@ -317,11 +325,7 @@ def sweep_alpha(obj: Context, drafters: str, alphas: str, total_tokens: int | No
 @click.option("--batch-tokens", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--init", "init", default=None, help="Start from this drafter (name or directory) instead of scratch.")
-@click.option("--data-dir", default=None, help="Directory with the corpora; default $TAPS_BENCH_DATA.")
-@click.option("--device", default=None)
-@click.option("--dtype", default=None)
-@click.option("--no-progress", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@_machine_options
 @click.pass_obj
 def train(obj: Context, recipe: str | None, target: str | None, corpus: str | None, method: str | None,
           name: str | None, max_len: int | None, epochs: int | None, lr: float | None, batch_tokens: int | None,
@@ -420,11 +424,7 @@ def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
 @click.option("--address", default=None, help="Ray cluster address (--executor ray); default: start a local one.")
 @click.option("--retries", type=int, default=2, show_default=True,
               help="--executor ray: resubmit a failing cell (or one whose worker died) this many times.")
-@click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
-@click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@_machine_options
 @click.pass_obj
 def matrix(obj: Context, spec_file: str, db: str | None, executor: str, address: str | None, retries: int,
            data_dir: str | None, device: str | None, dtype: str | None, no_progress: bool, as_json: bool) -> None:
@@ -475,11 +475,7 @@ def matrix(obj: Context, spec_file: str, db: str | None, executor: str, address:
               help="Where to write the bundle; default NAME.bundle.json next to the card.")
 @click.option("--limit", type=int, default=2, show_default=True, help="First N prompts of each task.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
-@click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@_machine_options
 @click.pass_obj
 def submit(obj: Context, card: str, out: str | None, limit: int, max_new_tokens: int, data_dir: str | None,
            device: str | None, dtype: str | None, no_progress: bool, as_json: bool) -> None:
@@ -556,14 +552,10 @@ def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> Non
 @click.option("--output", type=click.Path(file_okay=False), default=None,
               help="Directory for lm-eval's results JSON and per-sample JSONL; default $TAPS_BENCH_HOME/lm-eval.")
 @click.option("--db", default=None, help="SQLAlchemy URL or SQLite file; default $TAPS_BENCH_DB or the cache.")
-@click.option("--data-dir", default=None, help="Directory with the datasets; default $TAPS_BENCH_DATA.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N; default CUDA when present.")
-@click.option("--dtype", default=None, help="float32, bfloat16, float16; default bf16 on CUDA, else fp32.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (tasks that sample).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
 @click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@_machine_options
 @click.pass_obj
 def lm_eval_cmd(obj: Context, tasks: str, drafter: str | None, combiner: str | None, drafters: str | None,
                 alpha: float, granularity: str, budget: str, total_tokens: int | None, depth: int | None,
