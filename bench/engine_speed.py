@@ -18,18 +18,18 @@ import time
 import torch
 from transformers import DynamicCache
 
-from taps_bench import provenance
-from taps_bench.drafter import random_drafter
-from taps_bench.eagle2 import EagleProposer
-from taps_bench.engine import generate, prefill, verify
-from taps_bench.proposer import Autoregressive
-from taps_bench.registry import Registry
-from taps_bench.report import format_table
-from taps_bench.resolve import load_for_target, tree_settings
-from taps_bench.sampling import Sampling
-from taps_bench.targets import load_target
-from taps_bench.tasks import load_examples, render_prompt, resolve_data_dir
-from taps_bench.tree import DraftTree
+from taps_bench.catalog.registry import Registry
+from taps_bench.data.tasks import load_examples, render_prompt, resolve_data_dir
+from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.engine import generate, prefill, verify
+from taps_bench.decoding.proposer import Autoregressive
+from taps_bench.decoding.sampling import Sampling
+from taps_bench.decoding.tree import DraftTree
+from taps_bench.measure import provenance
+from taps_bench.measure.resolve import load_for_target, tree_settings
+from taps_bench.models.drafter import random_drafter
+from taps_bench.models.targets import load_target
+from taps_bench.results.report import format_table
 
 
 def chain(n: int, token: int) -> DraftTree:
@@ -74,7 +74,7 @@ def main() -> None:
     prompts = [target.tokenizer(render_prompt(target.tokenizer, target.card, [{"role": "user", "content": e.turns[0]}]),
                                 add_special_tokens=False).input_ids for e in examples]
 
-    # 1. forward cost against tree size, over ~300 tokens of context (as in DESIGN.md)
+    # 1. forward cost against tree size, over ~300 tokens of context (the first prompt, repeated)
     context = (prompts[0] * 4)[:300]
     rows = forward_cost(target.model, context, [1, 2, 4, 8, 16, 32, 60, 64, 128], args.repeats)
     print("\n## Target forward vs tree tokens (context 300, median of", args.repeats, "runs)")

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from taps_bench import provenance
-from taps_bench.corpora import conversations
-from taps_bench.drafter import has_bf16_matmul
-from taps_bench.features import encode, extract, load_sequences
-from taps_bench.registry import Registry
-from taps_bench.report import format_table
-from taps_bench.targets import load_target
-from taps_bench.tasks import resolve_data_dir
-from taps_bench.train import TrainSettings, train
+from taps_bench.catalog.registry import Registry
+from taps_bench.data.tasks import resolve_data_dir
+from taps_bench.measure import provenance
+from taps_bench.models.drafter import has_bf16_matmul
+from taps_bench.models.targets import load_target
+from taps_bench.results.report import format_table
+from taps_bench.training.corpora import conversations
+from taps_bench.training.features import encode, extract, load_sequences
+from taps_bench.training.train import TrainSettings, train
 
 
 def main() -> None:

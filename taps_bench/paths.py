@@ -11,6 +11,17 @@ from pathlib import Path
 import platformdirs
 from filelock import FileLock, Timeout
 
+# The installed package (`taps_bench/`): in a wheel the built-in cards sit inside it (`cards/<dir>`), in a source
+# or editable install beside it (`<repo>/<dir>`).
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shipped_dir(name: str) -> Path:
+    """A directory of shipped files (`tasks`, `matrices`, `leaderboard`...): `taps_bench/cards/<name>` in a wheel,
+    `<repo>/<name>` in a source or editable install."""
+    packaged = PACKAGE_DIR / "cards" / name
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / name
+
 
 def home() -> Path:
     """`$TAPS_BENCH_HOME`, else the user's cache directory: model cache, downloaded wheels, default database."""

@@ -60,8 +60,8 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm(shared_home):
     """The real CPU target, loaded once per session from the shared model cache (see `isolated_home`)."""
-    from taps_bench.registry import Registry
-    from taps_bench.targets import load_target
+    from taps_bench.catalog.registry import Registry
+    from taps_bench.models.targets import load_target
 
     old = os.environ.get("TAPS_BENCH_HOME")
     os.environ["TAPS_BENCH_HOME"] = str(shared_home)

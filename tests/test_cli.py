@@ -10,16 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DATA
+import yaml
+from conftest import DATA, REPO
 
 from taps_bench.cli import main
 from taps_bench.errors import UserError
-from taps_bench.registry import Registry
-from taps_bench.store import Store
+from taps_bench.results.store import Store
 
 CPU = "smollm2-135m-instruct"
 # Every command that takes the common options, with everything valid except what a test changes.
@@ -104,12 +105,12 @@ def test_unknown_drafter_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_
 def test_drafter_without_entry_for_target_fails_before_loading_the_model(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """averaged-hass exists only for Llama-3-8B: that is known from the cards, no model needs to be loaded."""
-    import taps_bench.targets
+    import taps_bench.models.targets
 
     def no_load(*args: Any, **kwargs: Any) -> Any:
         pytest.fail("the target model was loaded before the drafter was found not to fit it")
 
-    monkeypatch.setattr(taps_bench.targets, "load_target", no_load)
+    monkeypatch.setattr(taps_bench.models.targets, "load_target", no_load)
     line = fails(capsys, "run", "--drafter", "averaged-hass", *OPTS, "--db", tmp_path / "r.sqlite", strict=False)
     assert "llama3-8b-instruct" in line
 
@@ -200,18 +201,20 @@ def test_include_not_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: P
 # -- options -------------------------------------------------------------------------------------------------------
 
 
+# Flags the command line checks itself are named as flags; sampling, device and dtype are checked where they are
+# used (also from matrix specs and lm-eval), so the message names the setting.
 @pytest.mark.parametrize("option, value, words", [
     ("--limit", "0", "--limit"),
     ("--limit", "-3", "--limit"),
     ("--limit", "abc", "--limit"),
-    ("--temperature", "-1", "--temperature"),
-    ("--top-p", "0", "--top-p"),
-    ("--top-p", "1.5", "--top-p"),
+    ("--temperature", "-1", "temperature must be >= 0"),
+    ("--top-p", "0", "top_p must be in (0, 1]"),
+    ("--top-p", "1.5", "top_p must be in (0, 1]"),
     ("--max-new-tokens", "0", "--max-new-tokens"),
     ("--max-new-tokens", "-5", "--max-new-tokens"),
-    ("--sample-top-k", "-1", "--sample-top-k"),  # the flag the user typed, not --top-k (the tree's)
-    ("--device", "nonsense", "--device"),
-    ("--dtype", "float8", "--dtype"),
+    ("--sample-top-k", "-1", "sampling top_k must be >= 0"),  # the sampling cut, not the tree's top-k
+    ("--device", "nonsense", "device nonsense: not a torch device"),
+    ("--dtype", "float8", "dtype float8: unknown"),
 ])
 def test_bad_option_values(capsys: pytest.CaptureFixture[str], tmp_path: Path, option: str, value: str,
                            words: str) -> None:
@@ -305,20 +308,54 @@ def test_failure_leaves_an_existing_database_intact(capsys: pytest.CaptureFixtur
 # -- list, show, export without a model ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, internal", [("targets", "target"), ("tasks", "task"), ("drafters", "drafter"),
-                                            ("combiners", "combiner"), ("corpora", "corpus")])
-def test_list(capsys: pytest.CaptureFixture[str], kind: str, internal: str) -> None:
+# The repository's card directories (each named as `list` names the kind), read here with plain YAML rather than
+# through the registry under test.
+CARD_DIRS = ("targets", "tasks", "drafters", "corpora", "recipes")
+BUILTIN_COMBINERS = ("average", "confidence", "entropy", "merged-tree")
+
+
+def drafter_suffix(card: dict[str, Any]) -> str:
+    """Where a drafter resolves per target, as `list drafters` documents it: hub, path or recipe, and unconfirmed
+    hub names flagged."""
+    where = []
+    for target, entry in sorted(card["targets"].items()):
+        source = entry.get("source")
+        kind = "hub" if source and source.get("hub") else "path" if source else "recipe"
+        where.append(f"{target} ({kind}{'' if entry.get('confirmed', True) else ', unconfirmed'})")
+    return f" [{'; '.join(where)}]"
+
+
+def expected_cards(kind: str) -> list[tuple[str, str]]:
+    """(name, description line) of every card file under the repository's `kind` directory, sorted by name."""
+    rows = []
+    for path in sorted((REPO / kind).glob("*.yaml")):
+        card = yaml.safe_load(path.read_text())
+        line = card["description"].strip().splitlines()[0]
+        rows.append((card["name"], line + (drafter_suffix(card) if kind == "drafters" else "")))
+    return sorted(rows)
+
+
+def expected_combiners() -> list[tuple[str, str]]:
+    """The four built-in combiners, described by the first docstring line of the class their entry point names
+    (the installed package's metadata, i.e. pyproject.toml, not the registry)."""
+    declared = {ep.name: ep for ep in metadata.entry_points(group="taps_bench.combiners")}
+    assert sorted(declared) == sorted(BUILTIN_COMBINERS)
+    rows = []
+    for name in BUILTIN_COMBINERS:
+        doc = (declared[name].load().__doc__ or "").strip()
+        rows.append((name, doc.splitlines()[0] if doc else ""))
+    return rows
+
+
+@pytest.mark.parametrize("kind", [*CARD_DIRS, "combiners"])
+def test_list(capsys: pytest.CaptureFixture[str], kind: str) -> None:
     rc, out, err = invoke(capsys, "list", kind)
     assert rc == 0, err
-    rows = Registry.load().describe(internal)
-    lines = out.splitlines()
-    if not rows:
-        assert len(lines) == 1 and lines[0].startswith("(no ")
-        return
-    assert len(lines) == len(rows)
-    for line, (name, description) in zip(lines, rows, strict=True):
-        assert line.split()[0] == name
-        assert line.rstrip().endswith(description.strip())
+    expected = expected_combiners() if kind == "combiners" else expected_cards(kind)
+    assert expected and all(description for _, description in expected), "nothing to compare against"
+    # One line per entry, sorted by name: the name padded to the longest name, two spaces, the description.
+    width = max(len(name) for name, _ in expected)
+    assert out.splitlines() == [f"{name:<{width}}  {description}" for name, description in expected]
 
 
 def test_list_known_names(capsys: pytest.CaptureFixture[str]) -> None:
@@ -373,7 +410,7 @@ def test_show_and_export_from_the_store(capsys: pytest.CaptureFixture[str], tmp_
 @pytest.mark.smollm
 @pytest.mark.slow
 def test_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path, smollm: Any) -> None:
-    from taps_bench.drafter import random_drafter, save_drafter
+    from taps_bench.models.drafter import random_drafter, save_drafter
 
     db = tmp_path / "e2e.sqlite"
     common = ("--task", "gsm8k", "--target", CPU, "--limit", "2", "--max-new-tokens", "16", "--json",

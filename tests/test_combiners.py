@@ -17,29 +17,30 @@ import torch
 from conftest import DATA, tiny_target
 from test_speculative import check_counters
 
-from taps_bench.cards import TargetCard, TreeSettings
+from taps_bench.catalog.cards import TargetCard, TreeSettings
+from taps_bench.catalog.proposers import ProposerSpec
+from taps_bench.catalog.registry import Registry
 from taps_bench.cli import main
-from taps_bench.combiners import (
-    Average,
+from taps_bench.decoding.combiners import (
     Confidence,
     Entropy,
     MergedTree,
     NodeStats,
     Routed,
+    average_weights,
     merge_trees,
-    oracle_samples,
     tree_confidence,
     tree_entropy,
 )
-from taps_bench.drafter import Drafter, random_drafter, save_drafter
-from taps_bench.eagle2 import EagleProposer
-from taps_bench.engine import Counters, accept_greedy, generate
+from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.engine import Counters, accept_greedy, generate
+from taps_bench.decoding.proposer import Autoregressive
+from taps_bench.decoding.sampling import Sampling
+from taps_bench.decoding.tree import DraftTree, ancestor_mask, path_to
 from taps_bench.errors import UserError
-from taps_bench.proposer import Autoregressive
-from taps_bench.registry import Registry
-from taps_bench.resolve import ProposerSpec, build_proposer
-from taps_bench.sampling import Sampling
-from taps_bench.tree import DraftTree, ancestor_mask, path_to
+from taps_bench.measure.resolve import build_proposer
+from taps_bench.models.drafter import Drafter, random_drafter, save_drafter
+from taps_bench.results.oracle import oracle_samples
 
 GREEDY = Sampling()
 SHAPES = [TreeSettings(total_tokens=8, depth=3, top_k=2), TreeSettings(total_tokens=12, depth=4, top_k=3),
@@ -65,7 +66,7 @@ def random_prompt(seed: int, vocab: int, length: int = 9) -> list[int]:
 
 def make_combiner(kind: str, drafters: list[tuple[str, Drafter]], model: Any, shape: TreeSettings) -> Any:
     if kind == "average":
-        return EagleProposer(Average.merge(drafters[0][1], drafters[1][1], 0.3), model, shape, name="average")
+        return EagleProposer(average_weights(drafters[0][1], drafters[1][1], 0.3), model, shape, name="average")
     family, how = kind.split("-")
     if family == "merged":
         return MergedTree(drafters, model, shape, budget=how)
@@ -186,7 +187,7 @@ def test_average_with_alpha_one_or_zero_is_exactly_one_drafter():
     shape = SHAPES[1]
     prompt = random_prompt(5, 16)
     for alpha, kept in ((1.0, a), (0.0, b), (1, a), (0, b)):
-        merged = Average.merge(a, b, alpha)
+        merged = average_weights(a, b, alpha)
         mine, theirs = merged.state_for_saving(), kept.state_for_saving()
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), alpha
@@ -200,7 +201,7 @@ def test_average_with_alpha_one_or_zero_is_exactly_one_drafter():
 def test_average_is_the_parameterwise_mix():
     config = tiny_target("qwen3", seed=0, hidden=32).config
     a, b = random_drafter(config, 1), random_drafter(config, 2)
-    merged = Average.merge(a, b, 0.3)
+    merged = average_weights(a, b, 0.3)
     sa, sb, sm = a.state_for_saving(), b.state_for_saving(), merged.state_for_saving()
     assert sm.keys() == sa.keys()
     for k in sm:
@@ -510,24 +511,54 @@ def test_average_refuses_different_shapes_and_bad_alpha():
     big = tiny_target("llama", seed=0, hidden=64).config
     a = random_drafter(small, 1)
     with pytest.raises(UserError, match="different shapes"):
-        Average.merge(a, random_drafter(big, 2), 0.5)
+        average_weights(a, random_drafter(big, 2), 0.5)
     with pytest.raises(UserError, match="different shapes"):
-        Average.merge(a, random_drafter(small, 2, fc_bias=False), 0.5)
+        average_weights(a, random_drafter(small, 2, fc_bias=False), 0.5)
+    reg = Registry.load()
     for alpha in (1.5, -0.1, float("nan")):
-        with pytest.raises(UserError, match="alpha"):
-            Average.merge(a, random_drafter(small, 2), alpha)
+        with pytest.raises(UserError, match="combiner average: alpha: Input should be"):
+            reg.normalise(ProposerSpec(combiner="average", drafters=("a", "b"), alpha=alpha))
+        with pytest.raises(ValueError, match="alpha"):  # the function itself refuses too (a Python caller)
+            average_weights(a, random_drafter(small, 2), alpha)
 
 
-def test_combiners_refuse_bad_options():
-    model = tiny_target("llama", seed=0, hidden=32)
-    a = random_drafter(model.config, 1)
-    for cls in (Confidence, Entropy, MergedTree):
-        with pytest.raises(UserError, match="two drafters"):
-            cls([("a", a)], model, SHAPES[0])
-    with pytest.raises(UserError, match="granularity"):
-        Confidence([("a", a), ("b", a)], model, SHAPES[0], granularity="sometimes")
-    with pytest.raises(UserError, match="budget"):
-        MergedTree([("a", a), ("b", a)], model, SHAPES[0], budget="huge")
+def test_combiner_options_are_validated_once_by_each_combiners_model():
+    """The registry validates a combiner spec with the combiner's own options model (a discriminated union on the
+    name): every front end (CLI, matrix specs, lm-eval model_args) goes through here."""
+    reg = Registry.load()
+    for name in ("confidence", "entropy", "merged-tree", "average"):
+        with pytest.raises(UserError, match=rf"combiner {name}: drafters: .*at least two drafters"):
+            reg.normalise(ProposerSpec(combiner=name, drafters=("a",)))
+        with pytest.raises(UserError, match="must be distinct"):
+            reg.normalise(ProposerSpec(combiner=name, drafters=("a", "a")))
+    with pytest.raises(UserError, match=r"combiner average: drafters: .*exactly two drafters"):
+        reg.normalise(ProposerSpec(combiner="average", drafters=("a", "b", "c")))
+    with pytest.raises(UserError, match=r"combiner confidence: granularity: Input should be 'step' or 'prompt' "
+                                        r"\(got 'sometimes'\)"):
+        reg.normalise(ProposerSpec(combiner="confidence", drafters=("a", "b"), granularity="sometimes"))
+    with pytest.raises(UserError, match="combiner merged-tree: budget: Input should be 'full' or 'equal'"):
+        reg.normalise(ProposerSpec(combiner="merged-tree", drafters=("a", "b"), budget="huge"))
+    with pytest.raises(UserError, match="combiner merged-tree: alpha: not an option of this combiner"):
+        reg.normalise(ProposerSpec(combiner="merged-tree", drafters=("a", "b"), alpha=0.5))
+    with pytest.raises(UserError, match="unknown combiner 'confidense': did you mean confidence"):
+        reg.normalise(ProposerSpec(combiner="confidense", drafters=("a", "b")))
+    # Defaults are filled in and values typed, so equal proposers have equal specs however they were written.
+    spec = reg.normalise(ProposerSpec(combiner="average", drafters=("a", "b"), alpha="1"))
+    assert dict(spec.options) == {"alpha": 1.0} and spec == reg.normalise(spec)
+    assert dict(reg.normalise(ProposerSpec(combiner="entropy", drafters=("a", "b"))).options) == {
+        "granularity": "step"}
+
+
+def test_a_spec_identity_keeps_the_cell_keys_of_earlier_releases():
+    """Matrix cells stored before combiners had options models were keyed by a flat spec with alpha, granularity
+    and budget always present: the normalised spec must give the same identity."""
+    reg = Registry.load()
+    old = {"drafter": None, "combiner": "confidence", "drafters": ["a", "b"], "alpha": 0.5, "granularity": "prompt",
+           "budget": "full"}
+    assert reg.normalise(ProposerSpec(combiner="confidence", drafters=("a", "b"), granularity="prompt")).identity() \
+        == old
+    assert ProposerSpec(drafter="x").identity() == {"drafter": "x", "combiner": None, "drafters": [], "alpha": 0.5,
+                                                    "granularity": "step", "budget": "full"}
 
 
 # -- oracle -------------------------------------------------------------------------------------------------------
@@ -582,7 +613,7 @@ def test_build_proposer_for_each_combiner(tiny_checkpoints, combiner, options, l
     target, dirs = tiny_checkpoints
     spec = ProposerSpec(combiner=combiner, drafters=(str(dirs[0]), str(dirs[1])), **options)
     reg = Registry.load()
-    proposer, got_label, settings = build_proposer(reg, spec, target, SHAPES[1], show_progress=False)
+    proposer, got_label, settings = build_proposer(reg, spec, target, SHAPES[1])
     assert got_label.startswith(label) and "drafter-a" in got_label and "drafter-b" in got_label
     assert settings["combiner"] == combiner and settings[setting[0]] == setting[1]
     assert len(settings["drafters"]) == 2
@@ -596,7 +627,7 @@ def test_build_proposer_keeps_drafters_with_the_same_directory_name_apart(tiny_c
     both checkpoints must identify the run, and the routing share must not merge them."""
     target, dirs = tiny_checkpoints
     spec = ProposerSpec(combiner="confidence", drafters=(str(dirs[0]), str(dirs[2])))
-    proposer, _, settings = build_proposer(Registry.load(), spec, target, SHAPES[1], show_progress=False)
+    proposer, _, settings = build_proposer(Registry.load(), spec, target, SHAPES[1])
     shas = {v["sha256"] for v in settings["drafters"]}
     assert len(shas) == 2, settings["drafters"]
     out = generate(target.model, random_prompt(13, 16), proposer, GREEDY, 16, ())
@@ -632,9 +663,12 @@ def one_line_failure(capsys: pytest.CaptureFixture[str], args: list[str]) -> str
     (["--combiner", "average", "--drafters", "{a},{b},{a}"], ["exactly two drafters"]),
     (["--drafter", "{a}", "--combiner", "confidence", "--drafters", "{a},{b}"], ["either --drafter"]),
     (["--drafters", "{a},{b}"], ["either --drafter"]),
-    (["--combiner", "average", "--drafters", "{a},{b}", "--alpha", "1.5"], ["--alpha", "1.5"]),
-    (["--combiner", "entropy", "--drafters", "{a},{b}", "--granularity", "sometimes"], ["--granularity", "sometimes"]),
-    (["--combiner", "merged-tree", "--drafters", "{a},{b}", "--budget", "huge"], ["--budget", "huge"]),
+    (["--combiner", "average", "--drafters", "{a},{b}", "--alpha", "1.5"],
+     ["combiner average: alpha: Input should be less than or equal to 1 (got 1.5)"]),
+    (["--combiner", "entropy", "--drafters", "{a},{b}", "--granularity", "sometimes"],
+     ["combiner entropy: granularity: Input should be", "(got 'sometimes')"]),
+    (["--combiner", "merged-tree", "--drafters", "{a},{b}", "--budget", "huge"],
+     ["combiner merged-tree: budget: Input should be 'full' or 'equal' (got 'huge')"]),
 ])
 def test_run_combiner_bad_input_is_one_line(capsys, cli_env, args, says):
     config = tiny_target("llama", seed=0, hidden=32).config
@@ -667,7 +701,7 @@ def smollm_drafters(smollm, tmp_path_factory) -> tuple[Path, Path]:
     ("average", ["--alpha", "0.3"], "average(d1,d2;alpha=0.3)"),
 ])
 def test_run_combiner_end_to_end(capsys, cli_env, smollm_drafters, combiner, extra, label):
-    from taps_bench.store import Store
+    from taps_bench.results.store import Store
 
     d1, d2 = smollm_drafters
     db = cli_env / "r.sqlite"

@@ -12,14 +12,17 @@ import torch
 from conftest import tiny_target
 from safetensors.torch import load_file, save_file
 
-from taps_bench import resolve
-from taps_bench.cards import TargetCard
-from taps_bench.drafter import Drafter, check_against_target, load_drafter, random_drafter, save_drafter
+from taps_bench.catalog.cards import TargetCard
+from taps_bench.catalog.proposers import ProposerSpec
+from taps_bench.catalog.registry import Registry
 from taps_bench.errors import UserError
-from taps_bench.registry import Registry
-from taps_bench.targets import Target
+from taps_bench.measure import resolve
+from taps_bench.models.drafter import Drafter, check_against_target, load_drafter, random_drafter, save_drafter
+from taps_bench.models.targets import Target
 
-# The key names of the format, written out from DESIGN.md ("The drafter format") rather than taken from the code.
+# The key names of the EAGLE checkpoint format (SafeAILab/EAGLE, eagle/model/cnets.py: `fc` and one Llama decoder
+# layer without its input_layernorm), which the published HASS drafters share; written out here rather than taken
+# from the code under test.
 LAYER_KEYS = {
     "layers.0.self_attn.q_proj.weight",
     "layers.0.self_attn.k_proj.weight",
@@ -33,7 +36,7 @@ LAYER_KEYS = {
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "vocab_size", "rms_norm_eps", "max_position_embeddings", "rope_parameters")
 
-# The paper's published Llama-3-8B-Instruct drafters (DESIGN.md), by card name.
+# The published Llama-3-8B-Instruct drafters of the paper (arXiv 2603.27027), by card name.
 PUBLISHED = {
     "mathinstruct-hass": ("hass", "zbeeb/Hass-MathInstruct_20epochs", True),
     "mixed-35k-hass": ("hass", "zbeeb/Hass-Sharegpt-Mathinstruct-20epochs", True),
@@ -288,7 +291,7 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path: Path, target_mo
     with pytest.raises(Exception) as err:
         load_drafter(directory, allow_pickle=True)
     assert _EXECUTED == []  # nothing ran
-    # BUG (drafter.py _read_state): torch's UnpicklingError escapes, so the CLI prints a traceback.
+    # A UserError, not torch's UnpicklingError: anything else reaches the CLI as a traceback.
     assert isinstance(err.value, UserError), f"{type(err.value).__name__}: {str(err.value)[:120]}"
     assert "pytorch_model.bin" in str(err.value)
 
@@ -330,7 +333,7 @@ def test_config_field_of_wrong_type(tmp_path: Path, target_model: Any) -> None:
     """A config.json value of the wrong type is the user's file to fix: one UserError naming the file and field."""
     directory, _, config = saved(tmp_path, target_model)
     (directory / "config.json").write_text(json.dumps({**config, "hidden_size": "sixty-four"}))
-    # BUG (drafter.py load_drafter): LlamaConfig's StrictDataclassFieldValidationError escapes.
+    # A UserError, not the StrictDataclassFieldValidationError LlamaConfig raises on its own.
     with pytest.raises(UserError) as err:
         load_drafter(directory)
     assert "hidden_size" in str(err.value) and "config.json" in str(err.value)
@@ -339,7 +342,7 @@ def test_config_field_of_wrong_type(tmp_path: Path, target_model: Any) -> None:
 def test_corrupt_safetensors(tmp_path: Path, target_model: Any) -> None:
     directory, _, _ = saved(tmp_path, target_model)
     (directory / "model.safetensors").write_bytes(b"this is not a safetensors file" * 4)
-    # BUG (drafter.py _read_state): safetensors' SafetensorError escapes.
+    # A UserError naming the file, not safetensors' own SafetensorError.
     with pytest.raises(UserError) as err:
         load_drafter(directory)
     assert "model.safetensors" in str(err.value)
@@ -503,12 +506,18 @@ def test_recipe_entry_not_built(monkeypatch: pytest.MonkeyPatch, target_model: A
     cpu = make_target(target_model, "smollm2-135m-instruct")
     for name in ("mixed-hass", "mathinstruct-eagle2"):
         with pytest.raises(UserError) as err:  # --no-build
-            resolve.load_for_target(registry, name, cpu, build=False)
+            resolve.check_proposer(registry, ProposerSpec(drafter=name), cpu.card, build=False)
         message = str(err.value)
-        assert "not been built" in message
+        assert "not been built yet (--no-build)" in message
         assert f"taps-bench train --recipe {name} --target smollm2-135m-instruct" in message
-        with pytest.raises(UserError, match="needs the training data"):  # building needs the corpora
-            resolve.load_for_target(registry, name, cpu, build=True, data_dir=None)
+        # Resolving a name never builds: the unbuilt drafter is refused with the same advice ...
+        with pytest.raises(UserError, match=f"train --recipe {name} --target smollm2-135m-instruct"):
+            resolve.load_for_target(registry, name, cpu)
+        # ... the build is the caller's explicit step, and it needs the corpora.
+        _, recipes = resolve.check_proposer(registry, ProposerSpec(drafter=name), cpu.card)
+        assert [r.name for r in recipes] == [name]
+        with pytest.raises(UserError, match="needs the training data"):
+            resolve.build_recipes(registry, recipes, cpu, data_dir=None)
 
 
 def test_unknown_drafter_name_suggests_close_names(target_model: Any, registry: Registry) -> None:

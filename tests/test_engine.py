@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_target
 from transformers import DynamicCache
 
-from taps_bench.engine import accept_greedy, cache_kwarg, compact, forward, generate, prefill, verify
-from taps_bench.proposer import Autoregressive
-from taps_bench.sampling import Sampling
-from taps_bench.tree import DraftTree, path_to
+from taps_bench.decoding.engine import accept_greedy, cache_kwarg, compact, forward, generate, prefill, verify
+from taps_bench.decoding.proposer import Autoregressive
+from taps_bench.decoding.sampling import Sampling
+from taps_bench.decoding.tree import DraftTree, path_to
 
 TASKS = ("mt-bench", "gsm8k", "math500", "svamp")
 
@@ -73,8 +73,8 @@ def test_autoregressive_max_new_tokens_one():
 @pytest.mark.smollm
 @pytest.mark.parametrize("task", TASKS)
 def test_autoregressive_equals_hf_generate_on_smollm(smollm, data_dir, task):
-    from taps_bench.registry import Registry
-    from taps_bench.tasks import load_examples, render_prompt
+    from taps_bench.catalog.registry import Registry
+    from taps_bench.data.tasks import load_examples, render_prompt
 
     target = smollm
     example = load_examples(Registry.load().task(task), data_dir, limit=1)[0]

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from taps_bench.cli import main
-from taps_bench.leaderboard import build, collect, load_schema
-from taps_bench.store import Store, as_url
+from taps_bench.results.store import Store, as_url
+from taps_bench.site.board import collect, load_schema
+from taps_bench.site.render import build
 
 EVIL = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
 BASE_SETTINGS = {"target_checkpoint_sha256": "abc", "target_card": "t", "task_card": "k", "data_sha256": "d",

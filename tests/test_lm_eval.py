@@ -17,11 +17,11 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
-from taps_bench import lmeval as lme
+from taps_bench import evaluation as lme
+from taps_bench.catalog.registry import Registry
 from taps_bench.cli import main
 from taps_bench.errors import UserError
-from taps_bench.registry import Registry
-from taps_bench.store import Store, as_url
+from taps_bench.results.store import Store, as_url
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tiny_smol: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny-smol target loaded once, and two random drafters for it."""
-    from taps_bench.drafter import random_drafter, save_drafter
-    from taps_bench.targets import load_target
+    from taps_bench.models.drafter import random_drafter, save_drafter
+    from taps_bench.models.targets import load_target
 
     reg = Registry.load(include=[tiny_smol])
     target = load_target(reg.target("tiny-smol"))
@@ -141,9 +141,9 @@ def test_generation_request_follows_lm_eval_conventions() -> None:
 
 
 def test_engine_stop_when_ends_on_the_same_token_with_or_without_a_drafter(tiny: dict[str, Any]) -> None:
-    from taps_bench.engine import generate
-    from taps_bench.proposer import Autoregressive
-    from taps_bench.sampling import Sampling
+    from taps_bench.decoding.engine import generate
+    from taps_bench.decoding.proposer import Autoregressive
+    from taps_bench.decoding.sampling import Sampling
 
     target, reg = tiny["target"], tiny["reg"]
     spec = lme.TapsLM(drafter=str(tiny["drafters"][0]), registry=reg, loaded_target=target, show_progress=False)

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
+from taps_bench.catalog.proposers import ProposerSpec as Entry
+from taps_bench.catalog.registry import Registry
 from taps_bench.cli import main
-from taps_bench.matrix import Entry, MatrixSpec, find_spec, load_spec, plan
-from taps_bench.registry import Registry
-from taps_bench.store import Store, as_url
+from taps_bench.matrix.spec import MatrixSpec, find_spec, load_spec, plan
+from taps_bench.results.store import Store, as_url
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,7 @@ def drafters(root: Path, tiny_smol: Path) -> tuple[Path, Path]:
     """Two random drafters for tiny-smol (saved once per directory)."""
     from transformers import AutoConfig
 
-    from taps_bench.drafter import random_drafter, save_drafter
+    from taps_bench.models.drafter import random_drafter, save_drafter
 
     config = AutoConfig.from_pretrained(tiny_smol / "model")
     a, b = root / "math-rand", root / "chat-rand"
@@ -90,7 +91,7 @@ def test_plan_order_and_greedy_repeats_collapse() -> None:
 
 
 def test_shipped_specs_validate_against_the_registry() -> None:
-    from taps_bench.matrix import check
+    from taps_bench.matrix.spec import check
 
     reg = Registry.load()
     for name in ("cpu-small", "paper"):
@@ -105,7 +106,8 @@ def test_shipped_specs_validate_against_the_registry() -> None:
 @pytest.mark.parametrize(("fields", "expected"), [
     ({"tasks": {"gsm8k": 0}}, "tasks"),
     ({"temperatures": [-1]}, "temperatures"),
-    ({"proposers": [{"drafter": "a", "colour": "red"}]}, "proposers.0.colour"),
+    ({"proposers": [{"drafter": "a", "colour": "red"}]}, "proposers.0: a single drafter takes no combiner options (got "
+                                                         "colour)"),
     ({"repeats": 0}, "repeats"),
 ])
 def test_bad_spec_is_one_line_with_file_and_field(capsys: pytest.CaptureFixture[str], tmp_path: Path,

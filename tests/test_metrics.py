@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from taps_bench.errors import UserError
-from taps_bench.metrics import acceptance_by_depth, compare_outputs, lossless, speedup, summarize
-from taps_bench.report import export, format_table, format_value, runs_table
-from taps_bench.store import Store
+from taps_bench.results.metrics import acceptance_by_depth, compare_outputs, lossless, speedup, summarize
+from taps_bench.results.report import export, format_table, format_value, runs_table
+from taps_bench.results.store import Store
 
 
 def s(example_id: str, turn: int, **fields: Any) -> dict[str, Any]:

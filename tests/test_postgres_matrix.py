@@ -12,7 +12,7 @@ import pytest
 from test_matrix import drafters, small_spec
 
 from taps_bench.cli import main
-from taps_bench.store import Store, as_url
+from taps_bench.results.store import Store, as_url
 
 pytestmark = [pytest.mark.smollm, pytest.mark.usefixtures("one_thread")]
 

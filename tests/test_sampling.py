@@ -19,14 +19,14 @@ from conftest import tiny_target
 from scipy.stats import chisquare
 from transformers import DynamicCache
 
-from taps_bench import engine
-from taps_bench.cards import TreeSettings
-from taps_bench.drafter import random_drafter
-from taps_bench.eagle2 import EagleProposer
-from taps_bench.engine import Acceptance, accept_sampling, generate, prefill, verify
+from taps_bench.catalog.cards import TreeSettings
+from taps_bench.decoding import engine
+from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.engine import Acceptance, accept_sampling, generate, prefill, verify
+from taps_bench.decoding.sampling import Sampling, draw, probabilities, select
+from taps_bench.decoding.tree import DraftTree, children_of, path_to
 from taps_bench.errors import UserError
-from taps_bench.sampling import Sampling, draw, probabilities, select
-from taps_bench.tree import DraftTree, children_of, path_to
+from taps_bench.models.drafter import random_drafter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from taps_bench.scoring import extract_answer, is_correct
+from taps_bench.data.scoring import extract_answer, is_correct
 
 DATA = Path(os.environ.get("TAPS_BENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import tiny_target
 
-from taps_bench.cards import TreeSettings
-from taps_bench.drafter import random_drafter
-from taps_bench.eagle2 import EagleProposer
-from taps_bench.engine import Counters, generate
-from taps_bench.proposer import Autoregressive
-from taps_bench.sampling import Sampling
-from taps_bench.tree import DraftTree
+from taps_bench.catalog.cards import TreeSettings
+from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.engine import Counters, generate
+from taps_bench.decoding.proposer import Autoregressive
+from taps_bench.decoding.sampling import Sampling
+from taps_bench.decoding.tree import DraftTree
+from taps_bench.models.drafter import random_drafter
 
 GREEDY = Sampling()
 SHAPES = [TreeSettings(total_tokens=8, depth=3, top_k=2), TreeSettings(total_tokens=16, depth=4, top_k=4),
@@ -280,7 +280,7 @@ def test_lossless_up_to_the_context_limit(max_context):
 
 
 def smollm_prompt(target, text: str) -> list[int]:
-    from taps_bench.tasks import render_prompt
+    from taps_bench.data.tasks import render_prompt
 
     rendered = render_prompt(target.tokenizer, target.card, [{"role": "user", "content": text}])
     return target.tokenizer(rendered, add_special_tokens=False)["input_ids"]

@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import text
 
 from taps_bench.errors import UserError
-from taps_bench.store import SCHEMA_VERSION, Store, default_db_url, output_hash, taps_bench_home
+from taps_bench.results.schema import output_hash
+from taps_bench.results.store import SCHEMA_VERSION, Store, default_db_url, taps_bench_home
 
 
 def sample(example_id: str = "q1", turn: int = 0, **over: Any) -> dict[str, Any]:

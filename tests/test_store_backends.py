@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_store import PROV, SETTINGS, new_run, sample
 
-from taps_bench.store import Store
+from taps_bench.results.store import Store
 
 BACKENDS = ["sqlite", "postgresql"]
 

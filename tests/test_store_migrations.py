@@ -18,9 +18,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, insert, inspect, text
 from test_store import PROV, SETTINGS, new_run, sample
 
-from taps_bench import migrations
 from taps_bench.errors import UserError
-from taps_bench.store import Base, Run, Sample, Store, run_key
+from taps_bench.results import migrations
+from taps_bench.results.schema import Base, Run, Sample, run_key
+from taps_bench.results.store import Store
 
 # The DDL of the release before migrations (commit 6acace7, `Base.metadata.create_all` over meta, runs and samples),
 # written out so that later model changes cannot change what "an old database" means here.

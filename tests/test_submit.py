@@ -17,11 +17,12 @@ import pytest
 import torch
 from conftest import DATA
 
-from taps_bench.bundle import FORMAT, VERSION, check_lossless
 from taps_bench.cli import main
-from taps_bench.drafter import random_drafter, save_drafter
 from taps_bench.errors import UserError
-from taps_bench.store import Store
+from taps_bench.measure.submission import check_lossless
+from taps_bench.models.drafter import random_drafter, save_drafter
+from taps_bench.results.bundle import FORMAT, VERSION
+from taps_bench.results.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from taps_bench.cards import TargetCard, TaskCard
-from taps_bench.errors import UserError
-from taps_bench.registry import Registry, builtin_card_dir, parse_card
-from taps_bench.tasks import (
+from taps_bench.catalog.cards import TargetCard, TaskCard
+from taps_bench.catalog.registry import Registry, builtin_card_dir, parse_card
+from taps_bench.data.tasks import (
     Example,
     data_file_hash,
     load_examples,
@@ -25,6 +24,7 @@ from taps_bench.tasks import (
     render_prompt,
     resolve_data_dir,
 )
+from taps_bench.errors import UserError
 
 DATA = Path(os.environ.get("TAPS_BENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TASKS = ("mt-bench", "gsm8k", "math500", "svamp")
@@ -276,7 +276,8 @@ def test_hub_path_maps_rows_like_local(reg: Registry, monkeypatch: pytest.Monkey
 
 
 def test_local_path_does_not_import_datasets() -> None:
-    code = ("import sys; from taps_bench.registry import Registry; from taps_bench.tasks import load_examples; "
+    code = ("import sys; from taps_bench.catalog.registry import Registry; "
+            "from taps_bench.data.tasks import load_examples; "
             f"load_examples(Registry.load().task('gsm8k'), {str(DATA)!r}, limit=2); "
             "assert 'datasets' not in sys.modules, 'datasets was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
@@ -334,7 +335,7 @@ def test_render_prompt_system_and_kwargs() -> None:
 
 @pytest.mark.smollm
 def test_render_every_task_with_smollm2(reg: Registry) -> None:
-    from taps_bench.targets import load_tokenizer
+    from taps_bench.models.targets import load_tokenizer
 
     smol = reg.target("smollm2-135m-instruct")
     tok = load_tokenizer(smol)

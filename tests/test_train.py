@@ -16,15 +16,15 @@ import torch
 import yaml
 from conftest import DATA, tiny_target
 
-from taps_bench import build
-from taps_bench.cards import TreeSettings
-from taps_bench.corpora import Part, conversations, load_corpus, parse_spec
-from taps_bench.drafter import load_drafter, random_drafter
-from taps_bench.eagle2 import EagleProposer
+from taps_bench.catalog.cards import TreeSettings
+from taps_bench.catalog.registry import Registry
+from taps_bench.decoding.eagle2 import EagleProposer
 from taps_bench.errors import UserError
-from taps_bench.features import Sequence, encode, extract, load_sequences
-from taps_bench.registry import Registry
-from taps_bench.train import (
+from taps_bench.models.drafter import load_drafter, random_drafter
+from taps_bench.training import build
+from taps_bench.training.corpora import Part, conversations, load_corpus, parse_spec
+from taps_bench.training.features import Sequence, encode, extract, load_sequences
+from taps_bench.training.train import (
     TrainSettings,
     alignment_mask,
     batch_losses,
@@ -320,18 +320,25 @@ def test_resume_after_a_kill_equals_a_straight_run(tiny, tmp_path):
 
 
 def test_resume_does_not_reuse_state_of_other_settings(tiny, tmp_path):
-    """A work dir holding a finished EAGLE-2 run must not be passed off as a HASS run with another seed.
-
-    BUG (train.py, `train`): state.pt is loaded whatever the settings were, so the loop is skipped and the old
-    EAGLE-2 drafter comes back with `settings` claiming HASS (build_drafter then writes that into the card).
-    """
+    """A work dir holding a finished EAGLE-2 run must not be passed off as a HASS run with another seed (nor as a run
+    on other data): `train` refuses to resume from it, and neither the refused state nor the caller's drafter is
+    touched, so no drafter trained under other settings can come back labelled with these."""
     seqs = make_seqs(tiny, [14, 18], seed=14)
-    train(None, tiny, seqs, settings("eagle2", epochs=1, seed=0), workdir(tmp_path), show_progress=False)
-    try:
-        _, info = train(None, tiny, seqs, settings("hass", epochs=1, seed=1), workdir(tmp_path), show_progress=False)
-    except UserError:
-        return  # refusing is fine
-    assert info["history"][-1]["topk"] > 0, "the returned drafter was trained with EAGLE-2, not HASS"
+    work = workdir(tmp_path)
+    train(None, tiny, seqs, settings("eagle2", epochs=1, seed=0), work, show_progress=False)
+    state_path = work / "state.pt"
+    saved = state_path.read_bytes()
+    refusal = re.escape(f"{state_path} holds a training run with other settings or data; remove it (or the "
+                        "drafter's directory) to start afresh, or train under another name")
+    other_data = make_seqs(tiny, [14, 18, 22], seed=15)
+    for s, data in ((settings("hass", epochs=1, seed=1), seqs), (settings("eagle2", epochs=1, seed=0), other_data)):
+        drafter = random_drafter(tiny.config, seed=3)
+        before = {k: v.clone() for k, v in drafter.state_dict().items()}
+        with pytest.raises(UserError, match=f"^{refusal}$"):
+            train(drafter, tiny, data, s, work, show_progress=False)
+        # The drafter handed in was not loaded from the other run's state, and that state was left as it was.
+        assert all(torch.equal(before[k], v) for k, v in drafter.state_dict().items())
+        assert state_path.read_bytes() == saved
 
 
 def test_trained_drafter_saves_and_loads_bit_for_bit(tiny, tmp_path):
@@ -365,8 +372,8 @@ def test_parse_spec():
 
 
 def test_parse_spec_decimal_thousands_are_exact():
-    """BUG (corpora.py, parse_spec): int(float("64.1") * 1000) == 64099: the count is truncated after a binary
-    floating-point product."""
+    """A decimal count in thousands is read exactly: int(float("64.1") * 1000) would give 64099, the binary
+    floating-point product truncated."""
     assert parse_spec("x:64.1k") == [Part("x", 64100)]
     assert parse_spec("x:2.01k") == [Part("x", 2010)]
     assert parse_spec("x:1.001k") == [Part("x", 1001)]
@@ -408,14 +415,14 @@ def test_gsm8k_calculator_annotations_are_stripped(registry, data_dir):
 
 @pytest.fixture(scope="module")
 def smol(registry):
-    from taps_bench.targets import load_tokenizer
+    from taps_bench.models.targets import load_tokenizer
 
     card = registry.target(SMOL)
     return card, load_tokenizer(card)
 
 
 def smol_target(smol, model=None, tag="none"):
-    from taps_bench.targets import Target
+    from taps_bench.models.targets import Target
 
     card, tok = smol
     return Target(card=card, model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,

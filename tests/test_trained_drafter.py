@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import tiny_target
 
-from taps_bench.cards import TreeSettings
-from taps_bench.drafter import load_drafter, random_drafter, save_drafter
-from taps_bench.eagle2 import EagleProposer
-from taps_bench.engine import generate
-from taps_bench.features import Sequence
-from taps_bench.proposer import Autoregressive
-from taps_bench.sampling import Sampling
-from taps_bench.train import TrainSettings, train
+from taps_bench.catalog.cards import TreeSettings
+from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.engine import generate
+from taps_bench.decoding.proposer import Autoregressive
+from taps_bench.decoding.sampling import Sampling
+from taps_bench.models.drafter import load_drafter, random_drafter, save_drafter
+from taps_bench.training.features import Sequence
+from taps_bench.training.train import TrainSettings, train
 
 
 def _self_distillation_data(model, n: int, seed: int) -> tuple[list[Sequence], list[list[int]]]:

@@ -1,0 +1,1 @@
+"""What taps-bench knows by name: card schemas, YAML reading, the registry."""

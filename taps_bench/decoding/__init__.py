@@ -1,0 +1,1 @@
+"""Speculative decoding: the engine (prefill, propose, verify, accept), draft trees, sampling, proposers, combiners."""

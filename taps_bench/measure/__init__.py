@@ -1,0 +1,1 @@
+"""Measuring a proposer: names resolved to proposers, arms decoded sample by sample into the store."""

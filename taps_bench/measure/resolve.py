@@ -1,0 +1,189 @@
+"""Names from the command line (or a matrix spec, or lm-eval's model_args) turned into loaded things.
+
+Two explicit steps, so that nothing trains as a side effect of looking a name up:
+1. `check_proposer`, before the target is loaded: the spec validated and normalised, every drafter name checked,
+   and the list of registered recipe drafters that are not built yet for this target;
+2. the caller announces and builds those (`build_recipes`), then `build_proposer` loads the drafters and makes the
+   proposer (it refuses a drafter that is still unbuilt).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taps_bench.catalog.cards import (
+    DrafterCard,
+    DrafterForTarget,
+    RecipeCard,
+    TargetCard,
+    TreeOverride,
+    TreeSettings,
+)
+from taps_bench.catalog.proposers import ProposerSpec
+from taps_bench.catalog.registry import Registry, parse_card
+from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.proposer import Proposer
+from taps_bench.errors import UserError
+from taps_bench.models.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
+from taps_bench.models.targets import Target, sha256_file
+from taps_bench.training.build import build_recipe, built, store_dir
+
+
+@dataclass
+class ResolvedDrafter:
+    name: str
+    drafter: Drafter
+    checkpoint: str  # where it was read from
+    checkpoint_sha256: str
+    card: DrafterCard | None
+
+
+def _entry(reg: Registry, name: str, target_name: str) -> tuple[DrafterCard, DrafterForTarget]:
+    card = reg.drafter(name)
+    entry = card.targets.get(target_name)
+    if entry is None:
+        raise UserError(f"drafter '{name}' has no checkpoint for target '{target_name}' (it has: "
+                        f"{', '.join(sorted(card.targets)) or 'none'}); pick a target it was trained for")
+    return card, entry
+
+
+def _local_path(card: DrafterCard, name: str, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and card.origin:
+        path = Path(card.origin).parent / path
+    if not path.is_dir():
+        raise UserError(f"drafter '{name}': checkpoint directory {path} does not exist")
+    return path
+
+
+def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bool = False) -> RecipeCard | None:
+    """Everything about a drafter that can be checked before the target is loaded (fail fast, write nothing).
+    Returns the recipe that must build it first when it is a registered recipe drafter not built yet, else None."""
+    if Path(name).is_dir():
+        load_drafter(name, allow_pickle=allow_pickle)
+        return None
+    if built(target.name, name):
+        return None
+    card, entry = _entry(reg, name, target.name)
+    if entry.source is None:
+        recipe = reg.recipe(entry.recipe or "")
+        if recipe.target != target.name:
+            raise UserError(f"recipe '{recipe.name}' builds a drafter for '{recipe.target}', not '{target.name}'")
+        return recipe
+    if entry.source.path:
+        load_drafter(_local_path(card, name, entry.source.path), allow_pickle=allow_pickle)
+    return None
+
+
+def _not_built(name: str, target: str, recipe: str, why: str = "") -> UserError:
+    return UserError(f"drafter '{name}' for target '{target}' has not been built yet{why}; build it with "
+                     f"`taps-bench train --recipe {recipe} --target {target}`")
+
+
+def check_proposer(reg: Registry, spec: ProposerSpec, target: TargetCard, allow_pickle: bool = False,
+                   build: bool = True) -> tuple[ProposerSpec, list[RecipeCard]]:
+    """The spec with its options validated and complete, and the recipes whose drafters must be built before
+    `build_proposer` can load them. `build=False` (--no-build) refuses an unbuilt recipe drafter instead."""
+    spec = reg.normalise(spec)
+    recipes = []
+    for name in spec.names():
+        recipe = check_drafter(reg, name, target, allow_pickle)
+        if recipe is not None:
+            if not build:
+                raise _not_built(name, target.name, recipe.name, " (--no-build)")
+            recipes.append(recipe)
+    return spec, recipes
+
+
+def build_message(recipe: RecipeCard, target: str) -> str:
+    minutes = f" (about {recipe.expected_minutes:g} min on a 2-core CPU)" if recipe.expected_minutes else ""
+    return (f"[taps-bench] drafter '{recipe.name}' for {target} is not built yet: building it now with the recipe "
+            f"'{recipe.name}'{minutes}; it is kept in {store_dir(target, recipe.name)}")
+
+
+def build_recipes(reg: Registry, recipes: list[RecipeCard], target: Target, data_dir: Path | None,
+                  show_progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+    """Build each recipe's drafter for `target`, saying so first (a build takes minutes to hours)."""
+    for recipe in recipes:
+        if built(target.name, recipe.name):  # another process built it meanwhile
+            continue
+        if data_dir is None:
+            raise UserError("building a drafter needs the training data: set TAPS_BENCH_DATA or pass --data-dir")
+        log(build_message(recipe, target.name))
+        build_recipe(reg, recipe, target, data_dir, show_progress=show_progress)
+
+
+def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path, str, DrafterCard | None]:
+    """Where the drafter `name` lives for `target`: (local directory, description, card). Never builds: an unbuilt
+    recipe drafter is an error saying how to build it."""
+    if Path(name).is_dir():  # a checkpoint directory given directly: evaluate your own drafter without a card
+        return Path(name), f"path:{Path(name).resolve()}", None
+    done = built(target.name, name)
+    if done is None:
+        card, entry = _entry(reg, name, target.name)
+        if entry.source is None:
+            raise _not_built(name, target.name, entry.recipe or name)
+        src = entry.source
+        if src.hub:
+            note = "" if entry.confirmed else " (hub name unconfirmed)"
+            return fetch_from_hub(src.hub, src.revision), f"hub:{src.hub}{note}", card
+        assert src.path
+        path = _local_path(card, name, src.path)
+        return path, f"path:{path}", card
+    stored = parse_card(done / "card.yaml", "drafter")
+    assert isinstance(stored, DrafterCard)
+    return done, f"built:{done}", stored
+
+
+def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False) -> ResolvedDrafter:
+    directory, where, card = drafter_location(reg, name, target)
+    drafter, weights = load_drafter(directory, allow_pickle=allow_pickle)
+    check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
+    return ResolvedDrafter(name=name if card else Path(name).name, drafter=drafter, checkpoint=where,
+                           checkpoint_sha256=sha256_file(weights), card=card)
+
+
+def tree_settings(target: Target, override: TreeOverride | None = None) -> TreeSettings:
+    """The target card's default tree, with whatever the user set laid over it."""
+    try:
+        return (override or TreeOverride()).over(target.card.tree)
+    except ValueError as exc:
+        raise UserError(f"bad tree settings: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings) -> tuple[EagleProposer,
+                                                                                          dict[str, Any]]:
+    """The single-drafter proposer and the settings that identify it in the store."""
+    settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
+                "tree": tree.model_dump(), "draft_head_dtype": target.card.draft_head_dtype}
+    return EagleProposer(resolved.drafter, target.model, tree, name=resolved.name,
+                         head_dtype=target.card.draft_head_dtype), settings
+
+
+def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: TreeSettings,
+                   allow_pickle: bool = False) -> tuple[Proposer, str, dict[str, Any]]:
+    """(proposer, label stored with the run, settings that identify it). Every drafter must be loadable now (see
+    `check_proposer` and `build_recipes` for the ones a recipe still has to build)."""
+    spec = reg.normalise(spec)
+    resolved = [load_for_target(reg, n, target, allow_pickle) for n in spec.names()]
+    seen: dict[str, int] = {}
+    for r in resolved:  # two checkpoint directories may share a last path component ("runs/x/final", "runs/y/final")
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}#{seen[r.name]}"
+    if spec.drafter:
+        proposer, settings = eagle_proposer(resolved[0], target, tree)
+        return proposer, resolved[0].name, settings
+    options = reg.combiner_options(spec)
+    head = target.card.draft_head_dtype
+    proposer = reg.combiner(options.combiner).build(options, [(r.name, r.drafter) for r in resolved], target.model,
+                                                    tree, head)
+    settings = {"combiner": options.combiner,
+                "drafters": [{"name": r.name, "checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256}
+                             for r in resolved],
+                "tree": tree.model_dump(), "draft_head_dtype": head, **options.settings()}
+    return proposer, proposer.name, settings

@@ -1,0 +1,1 @@
+"""The results store (raw counters), its migrations, and everything derived from stored samples."""

@@ -1,0 +1,1 @@
+"""The static HTML leaderboard, computed from the results store only."""

@@ -1,0 +1,400 @@
+"""The leaderboard's boards (one per target and temperature), computed from the store's raw counters only.
+
+What is shown, and by which rules, is declared in `leaderboard/schema.yaml` (metrics, how each pools over tasks and
+is marked best, columns, which row kinds are ranked, what splits rows, which tasks are left out): this module only
+interprets it. Published numbers (`leaderboard/published.yaml`) are always labelled as such. Runs of one row on a
+task (repeats, or a later larger --limit) are pooled, each paired with its own autoregressive baseline."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from taps_bench.paths import shipped_dir
+from taps_bench.results.metrics import acceptance_by_depth, summarize
+from taps_bench.results.oracle import oracle_samples
+from taps_bench.results.pairing import BASELINE_KEYS
+from taps_bench.results.schema import canonical_json
+from taps_bench.results.store import Store
+from taps_bench.results.summaries import summarize_pair
+
+# -- the schema --------------------------------------------------------------------------------------------------
+
+KINDS = ("drafter", "combiner", "oracle", "published")  # the rows collect() makes; the schema says how each is treated
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field in the schema is an error, not a silent default
+
+
+class Pool(Strict):  # how a metric is computed over every task of a row at once (the `task: all` columns)
+    over: Literal["samples"] | None = None  # once over every sample of every task, as if they were one task
+    weighted_by: str | None = None  # or: the per-task values' mean, weighted by this counter of each task's summary
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Pool:
+        if (self.over is None) == (self.weighted_by is None):
+            raise ValueError("a pool is either `over: samples` or `weighted_by: <summary counter>`")
+        return self
+
+
+class Metric(Strict):
+    label: str
+    compute: str  # a key of metrics.summarize's result, or "speedup"
+    better: Literal["higher", "lower", "none"]
+    digits: int = 2
+    percent: bool = False
+    suffix: str = ""
+    pool: Pool | None = None  # None: not shown on `task: all` columns
+    mark_best: bool = True  # only where `better` is higher or lower
+    definition: str
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return "–"
+        if self.percent:
+            return f"{100 * value:.{self.digits}f}%"
+        return f"{value:.{self.digits}f}{self.suffix}"
+
+
+class Task(Strict):
+    id: str
+    label: str
+
+
+class Column(Strict):
+    id: str
+    label: str
+    metric: str
+    task: str | None = None  # a task id, or "all" (every task pooled)
+    mean_of: list[str] = []  # or: the mean of these columns (None unless all are present)
+
+
+class OtherTasks(Strict):  # tasks in the store that the schema does not declare: a column of `metric` each
+    metric: str
+    exclude: list[str] = []  # shell-style patterns of tasks no board shows
+
+    def excluded(self, task: str) -> bool:
+        return any(fnmatch.fnmatchcase(task, pattern) for pattern in self.exclude)
+
+
+class RowKind(Strict):
+    ranked: bool  # whether its values compete for the best marks
+    pooled: list[str] | None = None  # metrics shown on `task: all` columns (None: all); published rows show none
+
+
+class Rows(Strict):
+    keep: list[str]  # settings shared with the baseline that still tell rows apart
+    kinds: dict[str, RowKind]
+
+
+class Ranking(Strict):
+    mark_all_equal: bool  # whether a column where every ranked row holds the same value marks them all
+
+
+class Schema(Strict):
+    metrics: dict[str, Metric]
+    tasks: list[Task]
+    other_tasks: OtherTasks
+    rows: Rows
+    ranking: Ranking
+    columns: list[Column]
+    detail_columns: list[str]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Schema:
+        # A typo in the schema would otherwise show up as a silently empty column (or a KeyError mid-build).
+        tasks, seen = {t.id for t in self.tasks}, set()
+        for col in self.columns:
+            if col.metric not in self.metrics:
+                raise ValueError(f"schema column {col.id}: unknown metric {col.metric}")
+            if col.task is not None and col.task != "all" and col.task not in tasks:
+                raise ValueError(f"schema column {col.id}: unknown task {col.task}")
+            if bool(col.mean_of) == (col.task is not None) or not set(col.mean_of) <= seen:
+                raise ValueError(f"schema column {col.id}: needs a task or the mean of earlier columns")
+            seen.add(col.id)
+        if set(self.rows.kinds) != set(KINDS):
+            raise ValueError(f"schema rows.kinds: must declare exactly {', '.join(KINDS)}")
+        named = [*self.detail_columns, self.other_tasks.metric, *(m for k in self.rows.kinds.values()
+                                                                   for m in k.pooled or [])]
+        if unknown := sorted(set(named) - set(self.metrics)):
+            raise ValueError(f"schema: unknown metrics {', '.join(unknown)}")
+        return self
+
+    def shows_pooled(self, kind: str, metric: str) -> bool:
+        """Whether rows of this kind show this metric on the `task: all` columns (where the metric has a pool)."""
+        shown = self.rows.kinds[kind].pooled
+        return shown is None or metric in shown
+
+    def columns_for(self, tasks: set[str]) -> tuple[list[Column], list[Task]]:
+        """A board's columns and charts' tasks: the declared ones, plus one per undeclared task of its rows."""
+        declared = [t.id for t in self.tasks]
+        others = sorted(t for t in tasks if t not in declared and not self.other_tasks.excluded(t))
+        taken, extra = {c.id for c in self.columns}, []
+        for task in others:
+            cid = f"{self.other_tasks.metric}_{task}"
+            while cid in taken:  # a task named like a column (e.g. "avg"): its values must not overwrite that one's
+                cid += "_"
+            taken.add(cid)
+            extra.append(Column(id=cid, label=task, metric=self.other_tasks.metric, task=task))
+        at = max((i + 1 for i, c in enumerate(self.columns) if c.task in declared), default=0)
+        return self.columns[:at] + extra + self.columns[at:], self.tasks + [Task(id=t, label=t) for t in others]
+
+
+def data_dir() -> Path:
+    return shipped_dir("leaderboard")
+
+
+def load_schema(path: Path | None = None) -> Schema:
+    """The shipped schema, or the one at `path` (validated either way)."""
+    return Schema.model_validate(yaml.safe_load((path or data_dir() / "schema.yaml").read_text()))
+
+
+def row_identity(schema: Schema, settings: dict[str, Any]) -> dict[str, Any]:
+    """What tells runs of one proposer apart: all settings but the baseline's (seeds pool), plus `rows.keep`."""
+    out = {k: v for k, v in settings.items() if k not in BASELINE_KEYS}
+    return out | {k: settings.get(k) for k in schema.rows.keep}
+
+
+# -- boards from the store ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    summary: dict[str, Any]
+    speedup: dict[str, Any]
+    by_depth: list[dict[str, Any]]
+    decisions: dict[str, float]
+    nodes: dict[str, dict[str, float]]
+    runs: list[int]
+    samples: list[dict[str, Any]] = field(default_factory=list, repr=False)  # rekeyed per run (see _rekey)
+    baseline: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # drafter | combiner | oracle | published
+    settings: dict[str, Any]
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    source: str | None = None  # published rows: where the numbers come from
+    published: dict[str, float] = field(default_factory=dict)
+    published_metric: str = ""  # the metric the published numbers are of
+    values: dict[str, float | None] = field(default_factory=dict)
+    slug: str = ""
+    note: str = ""
+
+
+@dataclass
+class Board:
+    target: str
+    temperature: float
+    rows: list[Row]
+    published: list[Row]
+    hardware: list[str]
+    settings: list[str]
+    columns: list[Column]  # the schema's, plus one per undeclared task of this board's rows
+    tasks: list[Task]  # the declared tasks, then the undeclared ones shown
+
+    @property
+    def slug(self) -> str:
+        return slugify(f"{self.target}-T{self.temperature:g}")
+
+
+def slugify(text: str) -> str:
+    """A file-name-safe slug; a short hash keeps names that differ only in punctuation (or markup) apart."""
+    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "x"
+    return f"{base}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
+def _rekey(samples: list[dict[str, Any]], run_id: int) -> list[dict[str, Any]]:
+    # Samples of different runs (repeats) are different measurements of the same question: keep them apart.
+    return [{**s, "example_id": f"{run_id}:{s['example_id']}"} for s in samples]
+
+
+def pool_nodes(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Confidence/entropy of accepted vs rejected draft tokens, pooled over samples (weighted by token counts)."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for s in samples:
+        for key, v in ((s.get("extra") or {}).get("nodes") or {}).items():
+            acc = sums[key]
+            acc[0] += v["n"]
+            acc[1] += v["n"] * v["confidence"]
+            acc[2] += v["n"] * v["entropy"]
+    return {k: {"n": n, "confidence": c / n, "entropy": e / n} for k, (n, c, e) in sorted(sums.items()) if n}
+
+
+def _task_result(pairs: list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]],
+                 greedy: bool) -> TaskResult:
+    spec = [s for run, ss, _ in pairs for s in _rekey(ss, run["id"])]
+    base = [s for run, _, bs in pairs for s in _rekey(bs, run["id"])]
+    pair = summarize_pair(spec, base, greedy)
+    return TaskResult(summary=pair.speculative, speedup=pair.speedup, by_depth=acceptance_by_depth(spec),
+                      decisions=pair.decisions, nodes=pool_nodes(spec), runs=[run["id"] for run, _, _ in pairs],
+                      samples=spec, baseline=base)
+
+
+def collect(store: Store, schema: Schema | None = None) -> list[Board]:
+    """Every (target, temperature) board with its rows, computed from the stored samples."""
+    schema = schema or load_schema()
+    groups: dict[tuple[str, float], dict[tuple[str, str], dict[str, list]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
+    info: dict[tuple[str, float, str, str], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for run in store.runs():
+        # Excluded tasks (e.g. lm-eval:<task>) stay in the database and its exports, but on no board.
+        if run["kind"] != "speculative" or run["n_samples"] == 0 or schema.other_tasks.excluded(run["task"]):
+            continue
+        base = store.baseline_for(run)
+        identity = row_identity(schema, run["settings"])
+        key = canonical_json(identity)
+        board = (run["target"], run["temperature"])
+        groups[board][(run["proposer"], key)][run["task"]].append(
+            (run, store.samples(run["id"]), store.samples(base["id"]) if base else []))
+        info.setdefault((*board, run["proposer"], key), (identity, []))[1].append(run["provenance"])
+    published = _published(schema)
+    boards = []
+    for (target, temperature), rows_by_key in sorted(groups.items()):
+        rows = []
+        labels: dict[str, int] = defaultdict(int)
+        for proposer, _ in rows_by_key:
+            labels[proposer] += 1
+        for (proposer, key), per_task in rows_by_key.items():
+            settings, provs = info[(target, temperature, proposer, key)]
+            row = Row(name=proposer, kind="combiner" if "combiner" in settings else "drafter", settings=settings,
+                      provenance=provs, tasks={t: _task_result(p, temperature == 0) for t, p in per_task.items()})
+            if labels[proposer] > 1:  # one proposer under several settings: say which is which
+                row.note = settings_line(settings)
+            rows.append(row)
+        rows += _oracle_rows(rows, rows_by_key, temperature)
+        columns, tasks = schema.columns_for({t for r in rows for t in r.tasks})
+        for row in rows:
+            row.slug = slugify(f"{target}|{temperature}|{row.name}|{row.note}")
+            row.values = _values(schema, columns, row, temperature == 0)
+        provs = [p for r in rows for p in r.provenance]
+        hardware = sorted({f"{p.get('device_name', p.get('device', '?'))}, {p.get('threads', '?')} threads, "
+                           f"{p.get('dtype', '?')}" for p in provs})
+        shown = sorted({settings_line(r.settings) for r in rows if r.kind != "oracle"})
+        pub = [p for p in published if p.name.startswith(f"{target}|{temperature:g}|")]
+        boards.append(Board(target, temperature, rows, pub, hardware, shown, columns, tasks))
+    measured = {(b.target, b.temperature) for b in boards}
+    for key, pub in _published_boards(published).items():  # published numbers with nothing measured beside them
+        if key not in measured:
+            boards.append(Board(key[0], key[1], [], pub, [], [], *schema.columns_for(set())))
+    for b in boards:
+        for p in b.published:
+            p.values = _values(schema, b.columns, p, b.temperature == 0)
+    return boards
+
+
+def settings_line(settings: dict[str, Any]) -> str:
+    tree = settings.get("tree") or {}
+    parts = [f"tree {tree.get('total_tokens')}/{tree.get('depth')}/{tree.get('top_k')}"] if tree else []
+    parts.append(f"max {settings.get('max_new_tokens')} new tokens")
+    if settings.get("budget"):
+        parts.append(f"budget {settings['budget']}")
+    return ", ".join(parts)
+
+
+def _oracle_rows(rows: list[Row], rows_by_key: dict, temperature: float) -> list[Row]:
+    """Per question, the best single drafter (analysis only: it needs the answer to choose), over the single
+    drafters that share tree and length settings."""
+    singles: dict[str, list[tuple[Row, dict[str, list]]]] = defaultdict(list)
+    for row, per_task in zip(rows, rows_by_key.values(), strict=True):
+        if row.kind == "drafter":
+            shared = {k: row.settings.get(k) for k in ("tree", "max_new_tokens", "draft_head_dtype")}
+            singles[canonical_json(shared)].append((row, per_task))
+    out = []
+    for members in singles.values():
+        if len(members) < 2:
+            continue
+        names = [r.name for r, _ in members]
+        oracle = Row(name=f"oracle({','.join(names)})", kind="oracle", settings=members[0][0].settings,
+                     note="analysis only: picks the best drafter per question after the fact")
+        common = set.intersection(*(set(per_task) for _, per_task in members))
+        for task in sorted(common):
+            chosen, _ = oracle_samples({r.name: [s for run, ss, _ in per_task[task] for s in _rekey(ss, 0)]
+                                        for r, per_task in members})
+            summary = summarize(chosen)
+            oracle.tasks[task] = TaskResult(summary=summary, speedup={"ratio_of_sums": None, "mean_of_ratios": None},
+                                            by_depth=acceptance_by_depth(chosen), decisions={}, nodes={}, runs=[],
+                                            samples=chosen)  # no baseline: it is never timed
+        if oracle.tasks:
+            out.append(oracle)
+    return out
+
+
+def metric_value(metric: Metric, result: TaskResult) -> float | None:
+    if metric.compute == "speedup":
+        return result.speedup.get("ratio_of_sums")
+    return result.summary.get(metric.compute)
+
+
+def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool) -> dict[str, float | None]:
+    values: dict[str, float | None] = {}
+    whole: list[TaskResult] = []  # the row's tasks as one, built on first use (it summarizes every sample again)
+    for col in columns:
+        metric = schema.metrics[col.metric]
+        if col.mean_of:
+            parts = [values.get(c) for c in col.mean_of]
+            values[col.id] = sum(parts) / len(parts) if all(p is not None for p in parts) else None  # type: ignore
+        elif row.kind == "published":  # numbers copied from a paper: only its metric, per task
+            values[col.id] = row.published.get(col.task or "") if col.metric == row.published_metric else None
+        elif col.task == "all":
+            pool = metric.pool if row.tasks and schema.shows_pooled(row.kind, col.metric) else None
+            if pool is None:
+                values[col.id] = None
+            elif pool.over == "samples":
+                whole = whole or [_as_one(row, greedy)]
+                values[col.id] = metric_value(metric, whole[0])
+            else:
+                weights = [(metric_value(metric, r), r.summary.get(pool.weighted_by or "") or 0)
+                           for r in row.tasks.values()]
+                n = sum(w for _, w in weights)
+                values[col.id] = sum((v or 0) * w for v, w in weights) / n if n else None
+        else:
+            result = row.tasks.get(col.task or "")
+            values[col.id] = metric_value(metric, result) if result else None
+    return values
+
+
+def _as_one(row: Row, greedy: bool) -> TaskResult:
+    """Every task of a row summarized as if it were one task (samples are rekeyed per run, so none collide)."""
+    spec = [x for r in row.tasks.values() for x in r.samples]
+    base = [x for r in row.tasks.values() for x in r.baseline]
+    pair = summarize_pair(spec, base, greedy)
+    return TaskResult(summary=pair.speculative, speedup=pair.speedup, by_depth=[], decisions=pair.decisions,
+                      nodes={}, runs=[])
+
+
+# -- published numbers -------------------------------------------------------------------------------------------
+
+
+def _published(schema: Schema) -> list[Row]:
+    rows = []
+    for table in yaml.safe_load((data_dir() / "published.yaml").read_text()) or []:
+        if table["metric"] not in schema.metrics:
+            raise ValueError(f"published.yaml ({table['source']}): unknown metric {table['metric']}")
+        for r in table["rows"]:
+            numbers = {k: float(v) for k, v in r.items() if k not in ("name", "drafter")}
+            row = Row(name=f"{table['target']}|{float(table['temperature']):g}|{r['name']}", kind="published",
+                      settings={}, source=table["source"], published=numbers, published_metric=table["metric"])
+            row.slug = slugify(row.name)
+            rows.append(row)
+    return rows
+
+
+def _published_boards(rows: list[Row]) -> dict[tuple[str, float], list[Row]]:
+    out: dict[tuple[str, float], list[Row]] = defaultdict(list)
+    for row in rows:
+        target, temperature, _ = row.name.split("|", 2)
+        out[(target, float(temperature))].append(row)
+    return out

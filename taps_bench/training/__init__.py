@@ -1,0 +1,1 @@
+"""Training drafters: corpora, target feature extraction, the EAGLE-2/HASS objectives, recipe builds."""
