@@ -230,8 +230,9 @@ class Registry:
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"][1:] if not isinstance(p, int)) or "options"
-            got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
-            what = "not an option of this combiner" if err["type"] == "extra_forbidden" else err["msg"]
+            what = "not an option of this combiner" if err["type"] == "extra_forbidden" else str(err["msg"])
+            got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") and \
+                "(got " not in what else ""
             raise UserError(f"combiner {spec.combiner}: {loc}: {str(what).removeprefix('Value error, ')}{got} "
                             f"(see `taps-bench list combiners`)") from None
 

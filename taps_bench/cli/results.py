@@ -48,11 +48,12 @@ def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
 @db_option
 def import_cmd(bundles: tuple[str, ...], db: str | None) -> None:
     """Merge result bundles (from `taps-bench submit`) into the database; importing twice adds nothing."""
-    from taps_bench.results.bundle import import_bundles
+    from taps_bench.results.bundle import merge_bundles, read_bundle
     from taps_bench.results.store import Store
 
+    data = [read_bundle(Path(b)) for b in bundles]  # every bundle validated before the database is even opened
     with Store(db_url(db)) as store:
-        c = import_bundles(store, [Path(b) for b in bundles])  # every bundle validated before anything is written
+        c = merge_bundles(store, data)
         click.echo(f"imported {c.bundles} bundle(s) into {_shown(store)}: runs {c.runs_new} new, "
                    f"{c.runs_existing} already there; samples {c.samples_added} added, {c.samples_present} already "
                    "present")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from taps_bench.catalog.cards import TargetCard, TaskCard, TaskFields
+from taps_bench.data.chat import render_chat
 from taps_bench.errors import UserError
 
 DATA_ENV = "TAPS_BENCH_DATA"
@@ -310,19 +311,4 @@ def render_prompt(tokenizer: Any, target: TargetCard, history: list[dict[str, st
     for message in history:
         if message.get("role") not in ("user", "assistant") or not isinstance(message.get("content"), str):
             raise ValueError(f"bad history message {message!r}: role must be user/assistant, content a string")
-    messages = [dict(m) for m in history]
-    if target.system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": target.system_prompt})
-    if target.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"target '{target.name}': its tokenizer has no chat template; set chat_template in the "
-                        "target card")
-    kwargs: dict[str, Any] = dict(target.chat_template_kwargs)
-    if target.chat_template is not None:
-        kwargs["chat_template"] = target.chat_template
-    # These two are not the card's to change: the engine needs text, and the prompt must open the assistant turn.
-    kwargs["tokenize"] = False
-    kwargs["add_generation_prompt"] = True
-    text = tokenizer.apply_chat_template(messages, **kwargs)
-    if not isinstance(text, str):
-        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
-    return text
+    return render_chat(tokenizer, target, history, generation_prompt=True)

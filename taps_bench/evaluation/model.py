@@ -26,6 +26,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 from taps_bench.catalog.cards import TreeOverride
 from taps_bench.catalog.proposers import ProposerSpec
 from taps_bench.catalog.registry import Registry
+from taps_bench.data.chat import render_chat
 from taps_bench.data.tasks import prompt_hash
 from taps_bench.decoding.engine import generate
 from taps_bench.decoding.proposer import Autoregressive
@@ -48,8 +49,9 @@ class TapsLM(TemplateLM):
     """An lm-eval model that generates with the taps-bench speculative engine.
 
     model_args: target (a target name; default: the machine's default target), drafter (a name resolved for the
-    target, or a checkpoint directory) or combiner + drafters (names joined by '+': `combiner=confidence,drafters=a+b`),
-    alpha / granularity / budget (combiner options), total_tokens / depth / top_k (tree; default: the target
+    target, or a checkpoint directory) or combiner + drafters (names joined by '+': `combiner=confidence,drafters=a+b`)
+    with the combiner's options (any other model_arg, validated by the combiner's options model: alpha, granularity,
+    budget for the built-ins), total_tokens / depth / top_k (tree; default: the target
     card's), baseline=true (the plain target: no drafter, the same engine), include (extra card directories,
     separated by os.pathsep), device, dtype, max_gen_toks (default for requests that set none; 256 as lm-eval's HF
     model), max_length (context; default: the model's), batch_size (loglikelihood batches), seed (sampling),
@@ -183,14 +185,9 @@ class TapsLM(TemplateLM):
         card's template options; a template that rejects the system role is retried without it."""
         import jinja2
 
-        kwargs = dict(self.target.card.chat_template_kwargs)
-        if self.target.card.chat_template:
-            kwargs["chat_template"] = self.target.card.chat_template
-
         def render(history: list[dict[str, str]]) -> str:
-            return str(self.tokenizer.apply_chat_template(history, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt,
-                                                          continue_final_message=not add_generation_prompt, **kwargs))
+            return render_chat(self.tokenizer, self.target.card, history, generation_prompt=add_generation_prompt,
+                               continue_final=not add_generation_prompt, with_system_prompt=False)
 
         try:
             return render(chat_history)

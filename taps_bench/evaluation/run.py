@@ -30,6 +30,7 @@ from taps_bench.evaluation.tasks import (
 )
 from taps_bench.models.targets import Target
 from taps_bench.results.samples import COUNTER_FIELDS
+from taps_bench.results.summaries import summarize_pair
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,16 @@ def summary(arms: list[ArmResult], checks: dict[str, Any], tasks: dict[str, Loca
             if depth:
                 echo(f"{arm.label} on {name}: accepted at depth d | reached d-1: "
                      + ", ".join(f"d{d['depth']} {_pct(d['conditional'])}" for d in depth))
+    spec = next((a for a in arms if a.kind == "speculative"), None)
+    base = next((a for a in arms if a.kind == "baseline"), None)
+    if spec is not None and base is not None:  # both arms in this process: speedup as every front end shows it
+        out["speedup"] = {}
+        for name in tasks:
+            records = [[r for r in arm.records if r["task"] == name] for arm in (spec, base)]
+            pair = summarize_pair(*records, greedy=all(r["temperature"] == 0 for r in records[0]))
+            out["speedup"][name] = pair.speedup["ratio_of_sums"]
+            echo(f"{spec.label} on {name}: speedup {_ratio(pair.speedup['ratio_of_sums'])} over the plain target "
+                 f"(ratio of sums over {pair.speedup['n_matched']} requests)")
     for name, c in checks.items():
         echo(f"{name}: speculative output identical to the plain target's in {c['identical_tokens']}/"
              f"{c['compared']} requests; identical lm-eval metrics in {c['identical_metrics']}/{c['docs_compared']} "
@@ -374,6 +385,10 @@ def summary(arms: list[ArmResult], checks: dict[str, Any], tasks: dict[str, Loca
         if arm.results_file:
             echo(f"lm-eval results ({arm.label}): {arm.results_file}")
     return out
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def _pct(x: float | None) -> str:

@@ -185,8 +185,3 @@ def merge_bundles(store: Store, bundles: list[dict[str, Any]]) -> ImportCounts:
                 done.add(at)
                 counts.samples_added += 1
     return counts
-
-
-def import_bundles(store: Store, paths: list[Path]) -> ImportCounts:
-    """Validate every bundle first (a bad one stops the import with nothing written), then merge them all."""
-    return merge_bundles(store, [read_bundle(Path(p)) for p in paths])

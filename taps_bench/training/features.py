@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from taps_bench.data.chat import render_chat
 from taps_bench.models.targets import Target
 from taps_bench.paths import exclusive, home, write_atomic
 from taps_bench.training.corpora import Conversation
@@ -44,12 +45,7 @@ class Sequence:
 
 
 def _render(tokenizer: Any, target: Target, messages: Conversation, generation_prompt: bool) -> str:
-    msgs = ([{"role": "system", "content": target.card.system_prompt}] if target.card.system_prompt is not None
-            else []) + messages
-    kwargs = dict(target.card.chat_template_kwargs)
-    if target.card.chat_template:
-        kwargs["chat_template"] = target.card.chat_template
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+    return render_chat(tokenizer, target.card, messages, generation_prompt=generation_prompt)
 
 
 def encode(target: Target, conv: Conversation, max_len: int) -> tuple[list[int], list[bool]] | None:
