@@ -18,6 +18,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from taps_bench.catalog.cards import TreeOverride
 from taps_bench.catalog.registry import Registry
 from taps_bench.data.tasks import load_examples, render_prompt, resolve_data_dir
 from taps_bench.decoding.eagle2 import EagleProposer
@@ -102,9 +103,10 @@ def main() -> None:
     # 3. time split of a speculative step
     print("\n## Speculative step time split")
     split_rows = []
-    for label, shape in [("card default", (None, None, None)), ("paper 60/5/10", (60, 5, 10)),
-                         ("chain 6", (6, 5, 1))]:
-        tree = tree_settings(target, *shape)
+    for label, shape in [("card default", TreeOverride()),
+                         ("paper 60/5/10", TreeOverride(total_tokens=60, depth=5, top_k=10)),
+                         ("chain 6", TreeOverride(total_tokens=6, depth=5, top_k=1))]:
+        tree = tree_settings(target, shape)
         drafter = (load_for_target(reg, args.drafter, target).drafter if args.drafter
                    else random_drafter(target.model.config))
         proposer = EagleProposer(drafter, target.model, tree, head_dtype=target.card.draft_head_dtype)

@@ -50,10 +50,6 @@ def _load(session: Session) -> Loaded:
     return load(session)
 
 
-def _shown(session: Session) -> str:
-    return str(session.store.url.render_as_string(hide_password=True))
-
-
 @cli.command()
 @decoding_options
 @click.pass_obj
@@ -77,7 +73,7 @@ def baseline(obj: Context, decoding: Decoding, machine: Machine) -> None:
                                "temperature": session.sampling.temperature, "n_samples": s["n_samples"],
                                "new_tokens": s["new_tokens"], "tokens_per_s": s["tokens_per_s"],
                                "accuracy": s["accuracy"], "tau": s["tau"], "device": str(loaded.target.device),
-                               "dtype": loaded.provenance["dtype"], "db": _shown(session)}))
+                               "dtype": loaded.provenance["dtype"], "db": session.store.shown}))
 
 
 def _check(obj: Context, specs: list[ProposerSpec], allow_pickle: bool, build: bool, found: list[Any]) -> Any:
@@ -153,7 +149,7 @@ def measure(session: Session, loaded: Loaded, proposer: Any, label: str, setting
                    f"{_fmt(ss['mean_tree_size'])} nodes")
         if s.decisions:
             click.echo("routing / accepted-subtree share: " + ", ".join(f"{k} {v:.1%}" for k, v in s.decisions.items()))
-    return m.result(loaded.target, loaded.provenance) | {"db": _shown(session)}
+    return m.result(loaded.target, loaded.provenance) | {"db": session.store.shown}
 
 
 @cli.command("sweep-alpha")

@@ -42,7 +42,7 @@ def matrix(obj: Context, spec_file: str, db: str | None, executor: str, address:
     directory = resolve_data_dir(machine.data_dir)
     store = Store(db_url(db))
     n = len(mx.plan(spec))
-    shown = store.url.render_as_string(hide_password=True)
+    shown = store.shown
     err(f"[taps-bench] matrix {spec.name}: {n} cells; results in {shown}")
     quiet_libraries()
     if executor == "ray":

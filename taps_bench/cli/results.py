@@ -11,10 +11,6 @@ from taps_bench.cli.options import db_option, db_url
 from taps_bench.errors import UserError
 
 
-def _shown(store: object) -> str:
-    return str(store.url.render_as_string(hide_password=True))  # type: ignore[attr-defined]
-
-
 @cli.command()
 @db_option
 def show(db: str | None) -> None:
@@ -54,7 +50,7 @@ def import_cmd(bundles: tuple[str, ...], db: str | None) -> None:
     data = [read_bundle(Path(b)) for b in bundles]  # every bundle validated before the database is even opened
     with Store(db_url(db)) as store:
         c = merge_bundles(store, data)
-        click.echo(f"imported {c.bundles} bundle(s) into {_shown(store)}: runs {c.runs_new} new, "
+        click.echo(f"imported {c.bundles} bundle(s) into {store.shown}: runs {c.runs_new} new, "
                    f"{c.runs_existing} already there; samples {c.samples_added} added, {c.samples_present} already "
                    "present")
 

@@ -295,7 +295,7 @@ def _evaluate_arms(reg: Registry, opts: LmEvalOptions, card: Any, tasks: dict[st
 
     err(f"[taps-bench] lm-eval {metadata.version('lm_eval')}: tasks {', '.join(tasks)} on local data from "
         f"{data_dir}; target {card.name}; results in {opts.output or '(no --output: not written)'} and "
-        f"{store.url.render_as_string(hide_password=True)}")
+        f"{store.shown}")
 
     target = load_target(card, opts.device, opts.dtype)
     prov = provenance.collect(target) | {"lm_eval_version": metadata.version("lm_eval")}

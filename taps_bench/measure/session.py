@@ -62,9 +62,8 @@ def open_session(reg: Registry, task: str, target: str | None, limit: int | None
     directory = resolve_data_dir(data_dir)
     examples = load_examples(task_card, directory, limit)
     store = Store(db_url)
-    shown = store.url.render_as_string(hide_password=True)
     notes.append(f"target {target_card.name} on {dev} ({str(dt).removeprefix('torch.')}; {dev_why}); task "
-                 f"{task_card.name}: {len(examples)} examples; results in {shown}")
+                 f"{task_card.name}: {len(examples)} examples; results in {store.shown}")
     return Session(registry=reg, task=task_card, target_card=target_card, sampling=sampling,
                    max_new_tokens=max_new_tokens, device=device, dtype=dtype, data_dir=directory, examples=examples,
                    store=store, notes=notes)

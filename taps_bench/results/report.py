@@ -58,15 +58,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(out)
 
 
-def _shown_url(store: Store) -> str:
-    return store.url.render_as_string(hide_password=True)
-
-
 def runs_table(store: Store) -> str:
     """`taps-bench show`: one line per run with its headline metrics."""
     runs = store.runs()
     if not runs:
-        return f"no runs yet in {_shown_url(store)}"
+        return f"no runs yet in {store.shown}"
     rows = []
     for run in runs:
         summary = summarize(store.samples(run["id"]))
@@ -172,7 +168,7 @@ def export(store: Store, fmt: str, what: str = "runs", run_ids: Sequence[int] | 
         wanted = set(run_ids)
         missing = wanted - {r["id"] for r in runs}
         if missing:
-            raise UserError(f"no run with id {', '.join(map(str, sorted(missing)))} in {_shown_url(store)}")
+            raise UserError(f"no run with id {', '.join(map(str, sorted(missing)))} in {store.shown}")
         runs = [r for r in runs if r["id"] in wanted]
     records: list[dict[str, Any]] = []
     for run in runs:

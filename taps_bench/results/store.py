@@ -126,7 +126,12 @@ class Store:
             raise
 
     def __repr__(self) -> str:
-        return f"Store({self.url.render_as_string(hide_password=True)!r})"
+        return f"Store({self.shown!r})"
+
+    @property
+    def shown(self) -> str:
+        """The database's URL as a user may see it (printed, stored in a site): any password hidden."""
+        return str(self.url.render_as_string(hide_password=True))
 
     def __enter__(self) -> Store:
         return self

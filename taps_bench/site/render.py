@@ -123,7 +123,7 @@ def build(store: Store, out: Path, reg: Registry | None = None, title: str = "ta
     (tmp / "drafters").mkdir(parents=True)
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     common = {"schema": schema, "value": metric_value, "title": title, "built": built, "version": __version__,
-              "db": store.url.render_as_string(hide_password=True)}
+              "db": store.shown}
     views = []
     for board in boards:
         downloads = _write_downloads(tmp / "data", f"board-{board.slug}", _table_records(schema, board))
