@@ -17,16 +17,16 @@ import pytest
 import torch
 from conftest import tiny_target
 from scipy.stats import chisquare
-from transformers import DynamicCache
 
 from taps_bench.catalog.cards import TreeSettings
 from taps_bench.decoding import engine
 from taps_bench.decoding.eagle2 import EagleProposer
-from taps_bench.decoding.engine import Acceptance, accept_sampling, generate, prefill, verify
+from taps_bench.decoding.engine import Acceptance, accept_sampling, generate, new_cache, prefill, verify
 from taps_bench.decoding.sampling import Sampling, draw, probabilities, select
 from taps_bench.decoding.tree import DraftTree, children_of, path_to
 from taps_bench.errors import UserError
 from taps_bench.models.drafter import random_drafter
+from taps_bench.models.forward import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,12 +205,13 @@ def first_trees(model, proposer, p1: np.ndarray) -> dict[int, tuple[DraftTree, t
     """For every possible first token: the tree the proposer drafts under it and the target's verify logits."""
     out = {}
     for x in np.nonzero(p1 > 0)[0].tolist():
-        cache = DynamicCache(config=model.config)
+        weights = prepare(model)
+        cache = new_cache(weights, 64)
         with torch.inference_mode():
-            hidden, _ = prefill(model, torch.tensor(PROMPT), cache)
+            hidden, _ = prefill(weights, torch.tensor(PROMPT), cache)
             proposer.reset()
             tree = proposer.propose(torch.tensor(PROMPT), hidden, x)
-            _, logits = verify(model, tree, cache, len(PROMPT))
+            _, logits = verify(weights, tree, cache, len(PROMPT))
         out[x] = (tree, logits)
     return out
 

@@ -50,14 +50,20 @@ class ModelSource(BaseModel):
         return f"path:{self.path}" + (f"/{self.file}" if self.file else "")
 
 
+MAX_TREE_TOKENS, MAX_TREE_DEPTH, MAX_TOP_K = 512, 15, 64
+
+
 class TreeSettings(BaseModel):
-    """EAGLE-2 dynamic tree shape. `depth` follows the EAGLE-2 code: the tree has depth + 1 drafted levels."""
+    """EAGLE-2 dynamic tree shape. `depth` follows the EAGLE-2 code: the tree has depth + 1 drafted levels.
+
+    Bounded so that a tree can be verified: depth + 1 levels within the engine's attention window (16), at most 512
+    tokens in one forward, at most 64 children per node."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    total_tokens: int = Field(60, ge=1)
-    depth: int = Field(5, ge=0)
-    top_k: int = Field(10, ge=1)
+    total_tokens: int = Field(60, ge=1, le=MAX_TREE_TOKENS)
+    depth: int = Field(5, ge=0, le=MAX_TREE_DEPTH)
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K)
 
 
 class TreeOverride(BaseModel):
@@ -65,9 +71,9 @@ class TreeOverride(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    total_tokens: int | None = Field(None, ge=1)
-    depth: int | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=1)
+    total_tokens: int | None = Field(None, ge=1, le=MAX_TREE_TOKENS)
+    depth: int | None = Field(None, ge=0, le=MAX_TREE_DEPTH)
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
 
     def over(self, base: TreeSettings) -> TreeSettings:
         return TreeSettings(**(base.model_dump() | self.model_dump(exclude_none=True)))

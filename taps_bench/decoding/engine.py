@@ -2,13 +2,13 @@
 
 Plain autoregressive decoding is this same loop with the proposer that proposes nothing (a root-only tree is one
 ordinary single-token forward), so both arms share the cache, stopping and token counting, and their timings compare
-like with like. Each stage is a small function over tensors returning plain data.
+like with like. Each stage is a small function over tensors returning plain data. The target runs through
+`models.forward`: pre-packed weights, a static cache compacted in place, and attention whose rounding does not depend
+on the tree, so a verified node's logits are exactly those of plain decoding at that position.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.sampling import Sampling, draw, probabilities, select
 from taps_bench.decoding.tree import DraftTree, ancestor_mask, children_of, path_to, prefix
-from taps_bench.errors import UserError
+from taps_bench.models import forward
+from taps_bench.models.attention import NEAR_DEPTH, Cache
+from taps_bench.models.forward import Weights
 
 
 @dataclass
@@ -54,66 +55,34 @@ class Acceptance:
     next_token: int  # the bonus (or correction) token: the root of the next tree
 
 
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def cache_kwarg(module: Any) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
-    return _cache_kwarg_of(type(module))
-
-
 # -- stages ----------------------------------------------------------------------------------------------------
 
 
-def forward(model: Any, ids: Tensor, cache: DynamicCache, positions: Tensor, mask: Tensor | None) -> tuple[Tensor,
-                                                                                                            Tensor]:
-    """One target forward over `ids` [n] appended to `cache`. Returns (post-norm hidden [n, H], logits [n, V])."""
-    out = model.model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
-                      **{cache_kwarg(model.model): cache})
-    hidden = out.last_hidden_state[0]
-    return hidden, model.lm_head(hidden)
+def new_cache(weights: Weights, tokens: int) -> Cache:
+    """A static cache for `tokens` positions (rounded up; `ensure_capacity` grows it if a run needs more)."""
+    return weights.new_cache(min(-(-tokens // 256) * 256, weights.max_positions + 64))
 
 
-def prefill(model: Any, prompt: Tensor, cache: DynamicCache) -> tuple[Tensor, Tensor]:
+def ensure_capacity(weights: Weights, cache: Cache, tokens: int) -> Cache:
+    """The same cache, or a larger copy of it: slots keep their values, so no number changes."""
+    if tokens <= cache.capacity:
+        return cache
+    bigger = new_cache(weights, max(tokens, 2 * cache.capacity))
+    for old, new in zip(cache.keys + cache.values, bigger.keys + bigger.values, strict=True):
+        new[:, : old.shape[1]] = old
+    return bigger
+
+
+def prefill(weights: Weights, prompt: Tensor, cache: Cache) -> tuple[Tensor, Tensor]:
     """Run the prompt through the target: hidden states of every prompt token and the logits after the last one."""
-    hidden, logits = forward(model, prompt, cache, torch.arange(prompt.numel(), device=prompt.device), None)
-    return hidden, logits[-1]
+    return forward.prefill(weights, prompt, cache)
 
 
-# Attention implementations known to apply a custom 4D mask as given (tested for both in tests/test_engine.py).
-# Flash-attention kernels take no arbitrary mask and would silently verify the tree as a causal chain.
-TREE_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def tree_attention_mask(tree: DraftTree, context: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[1, 1, N, context + N] additive mask: each node sees the whole context, the root and its own ancestors.
-
-    Additive (0 or the dtype's minimum) rather than boolean, because eager attention adds the mask to the scores:
-    a boolean mask would be read as +1/+0 there and mask nothing.
-    """
-    n = tree.size
-    allowed = torch.ones(n, context + n, dtype=torch.bool, device=device)
-    allowed[:, context:] = ancestor_mask(tree.parents).to(device)
-    mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def verify(model: Any, tree: DraftTree, cache: DynamicCache, context: int) -> tuple[Tensor, Tensor]:
-    """Score every node of the tree in one target forward (positions: context length + depth)."""
-    device = model.lm_head.weight.device
-    ids = tree.tokens.to(device)
-    positions = (context + tree.depths).to(device)
-    # A root-only tree is an ordinary decoding step: the default causal mask is exact and cheaper than a 4D one.
-    mask = None
-    if tree.size > 1:
-        impl = getattr(model.config, "_attn_implementation", "sdpa")
-        if impl not in TREE_MASK_IMPLEMENTATIONS:
-            raise UserError(f"attention implementation '{impl}' cannot apply a tree mask; load the target with "
-                            f"attn_implementation='sdpa'")
-        mask = tree_attention_mask(tree, context, device, model.lm_head.weight.dtype)
-    return forward(model, ids, cache, positions, mask)
+def verify(weights: Weights, tree: DraftTree, cache: Cache, context: int) -> tuple[Tensor, Tensor]:
+    """Score every node of the tree in one target forward (node i at position context + depth, seeing the context
+    and its ancestors). Each node's logits are bit-identical to a one-token forward at its position (forward.py)."""
+    ids = tree.tokens.to(weights.device)
+    return forward.extend(weights, ids, tree.depths, ancestor_mask(tree.parents), cache, context)
 
 
 def accept_greedy(tree: DraftTree, logits: Tensor) -> Acceptance:
@@ -154,17 +123,9 @@ def accept_sampling(tree: DraftTree, logits: Tensor, s: Sampling, gen: torch.Gen
             return Acceptance(path=path_to(tree, node), next_token=draw(p / p.sum(), gen))
 
 
-def compact(cache: DynamicCache, context: int, path: list[int]) -> None:
-    """Keep the context plus the accepted tree nodes (in path order) in every layer of the target's cache."""
-    m = len(path)
-    contiguous = path == list(range(m))
-    index = torch.tensor(path, device=cache.layers[0].keys.device) + context
-    for layer in cache.layers:
-        if not contiguous:
-            layer.keys[..., context:context + m, :] = layer.keys[..., index, :]
-            layer.values[..., context:context + m, :] = layer.values[..., index, :]
-        layer.keys = layer.keys[..., : context + m, :]
-        layer.values = layer.values[..., : context + m, :]
+def compact(cache: Cache, context: int, path: list[int]) -> None:
+    """Keep the context plus the accepted tree nodes (in path order) in the target's cache."""
+    cache.compact(context, path)
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
@@ -191,17 +152,18 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
     "stop_string") when it returns True: for text stop sequences (lm-eval's `until`), which no token id expresses.
     It is checked per token, not per step, so a speculative run stops on the same token as the baseline.
     """
-    device = model.lm_head.weight.device
+    weights = forward.prepare(model)
+    device = weights.device
     gen = gen or sampling.generator()
     stops = set(stop_ids)
-    max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    max_context = min(max_context or weights.max_positions, weights.max_positions)
     c = Counters()
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(weights, len(prompt_ids) + max_new_tokens + 64)
     proposer.reset()
 
     start = _sync(device)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    hidden, last_logits = prefill(model, prompt, cache)
+    hidden, last_logits = prefill(weights, prompt, cache)
     root = select(last_logits, sampling, gen)
     committed, committed_hidden = prompt, hidden
     context = prompt.numel()
@@ -220,7 +182,11 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
         t1 = _sync(device)
         if context + tree.size > max_context:  # near the limit, verify what fits (parents precede children)
             tree = prefix(tree, max_context - context)
-        hidden, logits = verify(model, tree, cache, context)
+        if tree.max_depth > NEAR_DEPTH:
+            raise ValueError(f"proposer {proposer.name} drafted a tree of depth {tree.max_depth}; the engine verifies "
+                             f"trees up to depth {NEAR_DEPTH}")
+        cache = ensure_capacity(weights, cache, context + tree.size)
+        hidden, logits = verify(weights, tree, cache, context)
         t2 = _sync(device)
         acc = (accept_greedy(tree, logits) if sampling.greedy
                else accept_sampling(tree, logits, sampling, gen))
