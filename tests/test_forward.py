@@ -1,0 +1,140 @@
+"""The decoding forward: equal to the transformers forward (to rounding), and batch-invariant bit for bit.
+
+Batch invariance is the property that makes greedy speculative decoding exact: a node verified inside a tree gets
+exactly the logits a one-token forward gives at its position once its ancestors are committed, whatever the tree's
+size and shape, the context length, the dtype or the cache's capacity.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_target
+
+from taps_bench.decoding.tree import ancestor_mask
+from taps_bench.models.attention import NEAR_DEPTH, Cache
+from taps_bench.models.forward import Linear, packing_available, prefill, prepare
+from taps_bench.models.forward import extend as extend_
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ONE_DEPTH, ONE_ANCESTOR = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+
+
+def clone(cache: Cache) -> Cache:
+    return Cache([k.clone() for k in cache.keys], [v.clone() for v in cache.values])
+
+
+def random_tree(rng: random.Random, n: int, max_depth: int) -> tuple[list[int], list[int]]:
+    """Parents (parents precede children) and depths of a random tree of n nodes no deeper than max_depth."""
+    parents, depths = [-1], [0]
+    for i in range(1, n):
+        choices = [j for j in range(i) if depths[j] < max_depth]
+        parents.append(rng.choice(choices[-4:] if rng.random() < 0.5 else choices))
+        depths.append(depths[parents[-1]] + 1)
+    return parents, depths
+
+
+def path_of(parents: list[int], node: int) -> list[int]:
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+def assert_tree_equals_single_steps(model, context: int, n: int, max_depth: int, seed: int) -> None:
+    w = prepare(model)
+    vocab = model.config.vocab_size
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (context,), generator=g)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    parents, depths = random_tree(rng, n, max_depth)
+    with torch.inference_mode():
+        committed = w.new_cache(context + n + 3)
+        prefill(w, prompt, committed)
+        tree_cache = clone(committed)
+        _, tree_logits = extend_(w, tokens, torch.tensor(depths), ancestor_mask(torch.tensor(parents)), tree_cache,
+                                 context)
+        for node in range(n):
+            # A cache of another capacity: the capacity must not change a number either.
+            single = w.new_cache(context + 2 * NEAR_DEPTH + 7)
+            for a, b in zip(single.keys + single.values, committed.keys + committed.values, strict=True):
+                a[:, :context] = b[:, :context]
+            for step, i in enumerate(path_of(parents, node)):
+                _, logits = extend_(w, tokens[i:i + 1], ONE_DEPTH, ONE_ANCESTOR, single, context + step)
+            assert torch.equal(logits[0], tree_logits[node]), (
+                f"node {node} (depth {depths[node]}, context {context}, tree of {n}): tree logits differ from the "
+                f"one-token forward by {(logits[0] - tree_logits[node]).abs().max().item():.3g}")
+
+
+SHAPES = [  # (family, heads, kv_heads): head_dim 64, GQA groups of 1, 2 and 3 (SmolLM2 has 3)
+    ("llama", 4, 2), ("qwen3", 4, 2), ("llama", 6, 2), ("qwen3", 4, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("family", "heads", "kv_heads"), SHAPES)
+def test_tree_logits_equal_single_token_logits_bit_for_bit(family, heads, kv_heads, dtype):
+    model = tiny_target(family, seed=heads + kv_heads, vocab=300, hidden=64 * heads, layers=2, heads=heads,
+                        kv_heads=kv_heads).to(dtype)
+    # Contexts below, at and across the attention's far-block boundaries; chains, bushes and the deepest trees.
+    for context, n, depth, seed in ((1, 5, 4, 0), (17, 24, 3, 1), (47, 16, NEAR_DEPTH, 2), (200, 33, 6, 3)):
+        assert_tree_equals_single_steps(model, context, n, depth, seed)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_forward_matches_transformers(family):
+    model = tiny_target(family, seed=3, vocab=300, hidden=128, heads=2, kv_heads=1)
+    w = prepare(model)
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(ids[None]).logits[0]
+        cache = w.new_cache(64)
+        hidden, last = prefill(w, ids[:30], cache)
+        assert hidden.shape == (30, 128)
+        torch.testing.assert_close(last, want[29], atol=1e-4, rtol=1e-4)
+        for t in range(30, 40):
+            _, logits = extend_(w, ids[t:t + 1], ONE_DEPTH, ONE_ANCESTOR, cache, t)
+            torch.testing.assert_close(logits[0], want[t], atol=1e-4, rtol=1e-4)
+
+
+def test_tree_deeper_than_the_attention_window_is_refused():
+    model = tiny_target("llama", seed=0)
+    w = prepare(model)
+    n = NEAR_DEPTH + 2
+    with torch.inference_mode():
+        cache = w.new_cache(64)
+        prefill(w, torch.tensor([1, 2, 3]), cache)
+        with pytest.raises(ValueError, match="depth"):
+            extend_(w, torch.arange(n), torch.arange(n), ancestor_mask(torch.tensor([-1, *range(n - 1)])), cache, 3)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_prepacked_linear_is_available_and_row_invariant():
+    """oneDNN's pre-packed linear is a private torch API (pinned with torch in pyproject): the speed of the CPU engine
+    rests on it, so its absence is a failure here, not a silent fallback."""
+    assert packing_available(), "torch.ops.mkldnn._reorder_linear_weight/_linear_pointwise no longer work"
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(torch.randn(96, 80, generator=g), torch.randn(96, generator=g))
+    assert lin.packed is not None
+    x = torch.randn(64, 80, generator=g)
+    full = lin(x)
+    torch.testing.assert_close(full, x @ lin.weight.T + lin.bias, atol=1e-4, rtol=1e-4)
+    for rows in (1, 2, 3, 7, 8, 16, 33):
+        assert torch.equal(lin(x[:rows]), full[:rows])
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from taps_bench.errors import UserError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UserError, match="GPT2LMHeadModel is not supported"):
+        prepare(model)
+
+
+def test_real_target_tree_equals_single_steps(smollm):
+    """SmolLM2-135M (9 heads over 3 KV heads, head_dim 64), a 16-node tree after 300 tokens of context."""
+    assert_tree_equals_single_steps(smollm.model, 300, 16, 6, seed=7)
