@@ -61,6 +61,7 @@ def make_seqs(target, lengths, seed=0) -> list[Sequence]:
 
 def settings(method, **kw) -> TrainSettings:
     kw.setdefault("head_dtype", "float32")  # identical numerics on every CPU
+    kw.setdefault("autocast", "off")
     return TrainSettings(method=method, **kw)
 
 
@@ -280,6 +281,21 @@ def test_loss_falls_on_a_fixed_batch(tiny, tmp_path, method):
     assert len(losses) == 30 and info["steps"] == 30
     assert losses[-1] < 0.5 * losses[0]
     assert not drafter.training
+
+
+@pytest.mark.parametrize("method", ["eagle2", "hass"])
+def test_bf16_autocast_follows_the_float32_loss_curve(tiny, tmp_path, method):
+    """Mixed precision (used where the CPU has bf16 units) trains the same drafter, to bf16 rounding."""
+    seqs = make_seqs(tiny, [24, 32], seed=11)
+    curves = {}
+    for mode in ("off", "bfloat16"):
+        s = settings(method, epochs=12, lr=3e-3, batch_tokens=4096, autocast=mode)
+        _, info = train(None, tiny, seqs, s, workdir(tmp_path / mode), show_progress=False)
+        curves[mode] = [r["loss"] for r in info["history"]]
+    assert curves["off"] != curves["bfloat16"]  # autocast did change the arithmetic
+    for a, b in zip(curves["off"], curves["bfloat16"], strict=True):
+        assert b == pytest.approx(a, rel=0.05)
+    assert curves["bfloat16"][-1] < 0.7 * curves["bfloat16"][0]
 
 
 def test_training_is_deterministic_per_seed(tiny, tmp_path):

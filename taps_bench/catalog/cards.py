@@ -7,7 +7,7 @@ halfway through a run.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -74,9 +74,18 @@ class TreeOverride(BaseModel):
     total_tokens: int | None = Field(None, ge=1, le=MAX_TREE_TOKENS)
     depth: int | None = Field(None, ge=0, le=MAX_TREE_DEPTH)
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
+    # "paper": start from the paper's 60/5/10 instead of the card's tree; "auto": choose the shape for this device
+    # and drafter (measure/autotree.py).
+    preset: Literal["auto", "paper"] | None = None
 
-    def over(self, base: TreeSettings) -> TreeSettings:
-        return TreeSettings(**(base.model_dump() | self.model_dump(exclude_none=True)))
+    def over(self, base: TreeSettings | Literal["auto"]) -> TreeSettings | Literal["auto"]:
+        """The tree to use, or "auto" when it is to be chosen. Explicit sizes over an "auto" card lay over the
+        paper's tree (there is no fixed shape to lay them over)."""
+        given = self.model_dump(exclude_none=True, exclude={"preset"})
+        if self.preset == "auto" or (base == "auto" and not given and self.preset is None):
+            return "auto"
+        start = TreeSettings() if self.preset == "paper" or base == "auto" else base
+        return TreeSettings(**(start.model_dump() | given))
 
 
 class TargetCard(Card):
@@ -87,10 +96,16 @@ class TargetCard(Card):
     chat_template: str | None = None  # Jinja override for tokenizers that ship none (Vicuna)
     chat_template_kwargs: dict[str, object] = Field(default_factory=dict)
     stop_tokens: list[str] = Field(default_factory=list)
-    tree: TreeSettings = TreeSettings()
+    tree: TreeSettings | Literal["auto"] = TreeSettings()
+    # Where no calibration is possible (submission smoke tests, lm-eval), an "auto" card decodes with this tree.
+    fallback_tree: TreeSettings = TreeSettings(total_tokens=16, depth=4, top_k=4)
     # Precision of the lm_head the drafter reads while drafting (never the target's verification): see
     # drafter.vocab_head. "auto" uses bfloat16 where the hardware has bf16 matrix units.
     draft_head_dtype: Literal["target", "auto", "float32", "bfloat16"] = "target"
+    # Reduced draft vocabulary (FR-Spec): the drafter scores only the N most frequent assistant tokens of its corpus
+    # (training/vocab.py); "auto": the smallest N covering 99% of them, rounded up to a multiple of 1024; None: the
+    # full vocabulary. Verification always uses the full vocabulary, so outputs are unchanged.
+    draft_vocab: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] | None = None  # strict: no `true`
     default_on: Literal["cpu", "cuda"] | None = None  # the default target on machines of this kind
     license: str | None = None
 

@@ -15,6 +15,7 @@ from taps_bench.cli.options import (
     Machine,
     db_url,
     decoding_options,
+    draft_vocab_option,
     proposer_options,
     split_names,
     tree_options,
@@ -98,6 +99,7 @@ def _prepared(obj: Context, session: Session, loaded: Loaded, checked: list[Any]
 
 @cli.command()
 @proposer_options
+@draft_vocab_option
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pytorch_model.bin (pickle) drafters.")
 @click.option("--no-build", is_flag=True, help="Fail instead of building a registered but unbuilt drafter.")
 @click.option("--no-baseline", is_flag=True,
@@ -105,11 +107,11 @@ def _prepared(obj: Context, session: Session, loaded: Loaded, checked: list[Any]
                    "baseline samples are already stored.")
 @decoding_options
 @click.pass_obj
-def run(obj: Context, proposer: ProposerSpec | None, tree: TreeOverride, allow_pickle: bool, no_build: bool,
-        no_baseline: bool, decoding: Decoding, machine: Machine) -> None:
+def run(obj: Context, proposer: ProposerSpec | None, tree: TreeOverride, draft_vocab: int | str | None,
+        allow_pickle: bool, no_build: bool, no_baseline: bool, decoding: Decoding, machine: Machine) -> None:
     """Measure a drafter (or a combiner of drafters) against its target: speculative and autoregressive arms on the
     same prompts."""
-    from taps_bench.measure.resolve import build_proposer, tree_settings
+    from taps_bench.measure.resolve import auto_tree, build_proposer, tree_settings
 
     if proposer is None:
         raise UserError("pass either --drafter NAME or --combiner NAME --drafters a,b")
@@ -117,8 +119,12 @@ def run(obj: Context, proposer: ProposerSpec | None, tree: TreeOverride, allow_p
     session = _open(obj, decoding, machine, check=_check(obj, [proposer], allow_pickle, not no_build, checked))
     loaded = _load(session)
     _prepared(obj, session, loaded, checked, machine.progress)
-    shape = tree_settings(loaded.target, tree)
-    built, label, settings = build_proposer(obj.registry, checked[0][0], loaded.target, shape, allow_pickle)
+    shape, chosen = auto_tree(obj.registry, checked[0][0], loaded.target, tree_settings(loaded.target, tree),
+                              session.task, session.data_dir, session.sampling, allow_pickle, log=err)
+    built, label, settings = build_proposer(obj.registry, checked[0][0], loaded.target, shape, allow_pickle,
+                                            draft_vocab, session.data_dir)
+    if chosen:  # how the shape was chosen is provenance, not identity: the same shape given by hand is the same run
+        loaded.provenance["tree_auto"] = chosen
     result = measure(session, loaded, built, label, settings, machine.progress, baseline=not no_baseline)
     result |= {"combiner": proposer.combiner, "drafters": list(proposer.names()), "tree": shape.model_dump()}
     if machine.json:
@@ -131,6 +137,7 @@ def measure(session: Session, loaded: Loaded, proposer: Any, label: str, setting
     from taps_bench.measure.runner import Arm
     from taps_bench.measure.runner import measure as measure_arms
     from taps_bench.results.report import format_table
+    from taps_bench.results.summaries import speedup_text
 
     arm = Arm(kind="speculative", proposer=label, sampling=session.sampling, max_new_tokens=session.max_new_tokens,
               settings=settings)
@@ -144,7 +151,8 @@ def measure(session: Session, loaded: Loaded, proposer: Any, label: str, setting
                       for d in ss["acceptance_by_depth"]]
         click.echo(format_table(depth_rows, [("depth", "depth"), ("conditional", "accept | reached"),
                                              ("unconditional", "accept / steps")]))
-        click.echo(f"speedup {_fmt(sp['ratio_of_sums'])}x (ratio of sums; mean of per-question ratios "
+        # The interval (95%, bootstrap over prompts) says whether the speedup is more than noise.
+        click.echo(f"speedup {speedup_text(sp, 3)} (ratio of sums; mean of per-question ratios "
                    f"{_fmt(sp['mean_of_ratios'])}x)   lossless {_fmt(ss['lossless_rate'])}   mean tree "
                    f"{_fmt(ss['mean_tree_size'])} nodes")
         if s.decisions:
@@ -161,7 +169,7 @@ def measure(session: Session, loaded: Loaded, proposer: Any, label: str, setting
 def sweep_alpha(obj: Context, drafters: str, alphas: str, tree: TreeOverride, decoding: Decoding,
                 machine: Machine) -> None:
     """The weight-averaging curve: tau and speedup of alpha * A + (1 - alpha) * B for each alpha."""
-    from taps_bench.measure.resolve import build_proposer, tree_settings
+    from taps_bench.measure.resolve import auto_tree, build_proposer, tree_settings
     from taps_bench.results.report import format_table
 
     try:
@@ -174,7 +182,10 @@ def sweep_alpha(obj: Context, drafters: str, alphas: str, tree: TreeOverride, de
     session = _open(obj, decoding, machine, check=_check(obj, specs, False, True, checked))
     loaded = _load(session)
     _prepared(obj, session, loaded, checked, machine.progress)
-    shape = tree_settings(loaded.target, tree)
+    # The averages differ from their parents, but one shape for the whole curve keeps it comparable: chosen for the
+    # even mix.
+    shape, _ = auto_tree(obj.registry, ProposerSpec(combiner="average", drafters=names, alpha=0.5), loaded.target,
+                         tree_settings(loaded.target, tree), session.task, session.data_dir, session.sampling, log=err)
     rows = []
     for spec, _ in checked:
         proposer, label, settings = build_proposer(obj.registry, spec, loaded.target, shape)

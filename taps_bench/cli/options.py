@@ -112,9 +112,9 @@ def decoding_options(f: Any) -> Any:
     return machine_options(f)
 
 
-def _tree(total_tokens: int | None, depth: int | None, top_k: int | None) -> TreeOverride:
+def _tree(total_tokens: int | None, depth: int | None, top_k: int | None, preset: str | None) -> TreeOverride:
     try:
-        return TreeOverride(total_tokens=total_tokens, depth=depth, top_k=top_k)
+        return TreeOverride(total_tokens=total_tokens, depth=depth, top_k=top_k, preset=preset)
     except ValueError as exc:
         err = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "tree"
@@ -122,14 +122,36 @@ def _tree(total_tokens: int | None, depth: int | None, top_k: int | None) -> Tre
 
 
 def tree_options(f: Any) -> Any:
-    """--total-tokens, --depth, --top-k, collected into `tree` (a TreeOverride of the target card's tree)."""
-    f = _collect("tree", ("total_tokens", "depth", "top_k"), _tree)(f)
+    """--tree, --total-tokens, --depth, --top-k, collected into `tree` (a TreeOverride of the target card's tree)."""
+    f = _collect("tree", ("total_tokens", "depth", "top_k", "preset"), _tree)(f)
     return _apply([
+        click.option("--tree", "preset", type=click.Choice(["auto", "paper"]), default=None,
+                     help="auto: the shape predicted fastest for this device and drafter (taps-bench profile); "
+                          "paper: 60/5/10. Default: the target card's tree."),
         click.option("--total-tokens", type=int, default=None,
                      help="Tree size incl. root; default from the target card."),
         click.option("--depth", type=int, default=None, help="EAGLE-2 depth (the tree has depth+1 drafted levels)."),
         click.option("--top-k", type=int, default=None, help="EAGLE-2 top-k per expansion; 1 gives a chain."),
     ], f)
+
+
+def _draft_vocab(draft_vocab: str | None) -> int | str | None:
+    if draft_vocab is None:
+        return None
+    value = draft_vocab.strip().lower()
+    if value in ("auto", "full"):
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise UserError(f"--draft-vocab must be a positive number of tokens, auto or full (got {draft_vocab!r})")
+
+
+def draft_vocab_option(f: Any) -> Any:
+    """--draft-vocab N|auto|full, collected into `draft_vocab` (None when not given: the target card decides)."""
+    f = _collect("draft_vocab", ("draft_vocab",), _draft_vocab)(f)
+    return click.option("--draft-vocab", default=None, metavar="N|auto|full",
+                        help="Tokens the drafter scores: the N most frequent of its corpus's replies; auto: enough "
+                             "for 99% of them; full: all. Lossless either way. Default: the target card's.")(f)
 
 
 def split_names(text: str | None) -> tuple[str, ...]:

@@ -53,12 +53,16 @@ def prefix(tree: DraftTree, n: int) -> DraftTree:
 
 
 def ancestor_mask(parents: Tensor) -> Tensor:
-    """[N, N] bool: mask[i, j] is True when j is i itself or one of its ancestors (what node i may attend to)."""
-    par = parents.tolist()
-    n = len(par)
+    """[N, N] bool: mask[i, j] is True when j is i itself or one of its ancestors (what node i may attend to).
+    One vectorised pass per tree level, not per node."""
+    n = parents.numel()
     mask = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        mask[i] |= mask[par[i]]
+    rows = torch.arange(n)
+    up = parents.cpu().clone()
+    while bool((up >= 0).any()):
+        live = up >= 0
+        mask[rows[live], up[live]] = True
+        up = torch.where(live, parents.cpu()[up.clamp(min=0)], up)
     return mask
 
 

@@ -71,7 +71,7 @@ class TapsLM(TemplateLM):
                  registry: Registry | None = None, loaded_target: Target | None = None,
                  proposer: ProposerSpec | None = None, **combiner_options: Any) -> None:
         super().__init__()
-        from taps_bench.measure.resolve import build_proposer, build_recipes, check_proposer, tree_settings
+        from taps_bench.measure.resolve import build_proposer, build_recipes, check_proposer, fixed_tree, tree_settings
         from taps_bench.models.targets import default_target_name, load_target
 
         baseline = flag(baseline, "baseline")
@@ -109,9 +109,10 @@ class TapsLM(TemplateLM):
             self.label = "autoregressive"
             self.settings: dict[str, Any] = {}
         else:
-            tree = tree_settings(loaded_target, TreeOverride(total_tokens=opt_int(total_tokens, "total_tokens"),
-                                                             depth=opt_int(depth, "depth"),
-                                                             top_k=opt_int(top_k, "top_k")))
+            # lm-eval's requests are not a task card's prompts: an "auto" card decodes with its fallback tree here.
+            override = TreeOverride(total_tokens=opt_int(total_tokens, "total_tokens"), depth=opt_int(depth, "depth"),
+                                    top_k=opt_int(top_k, "top_k"))
+            tree = fixed_tree(loaded_target, tree_settings(loaded_target, override))
             data = data_dir or os.environ.get("TAPS_BENCH_DATA")  # only read when a drafter must be built
             build_recipes(registry, recipes, loaded_target, Path(data) if data else None, self.show_progress)
             self.proposer, self.label, self.settings = build_proposer(registry, spec, loaded_target, tree,

@@ -30,7 +30,7 @@ from taps_bench.evaluation.tasks import (
 )
 from taps_bench.models.targets import Target
 from taps_bench.results.samples import COUNTER_FIELDS
-from taps_bench.results.summaries import summarize_pair
+from taps_bench.results.summaries import speedup_text, summarize_pair
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def summary(arms: list[ArmResult], checks: dict[str, Any], tasks: dict[str, Loca
             records = [[r for r in arm.records if r["task"] == name] for arm in (spec, base)]
             pair = summarize_pair(*records, greedy=all(r["temperature"] == 0 for r in records[0]))
             out["speedup"][name] = pair.speedup["ratio_of_sums"]
-            echo(f"{spec.label} on {name}: speedup {_ratio(pair.speedup['ratio_of_sums'])} over the plain target "
+            echo(f"{spec.label} on {name}: speedup {speedup_text(pair.speedup)} over the plain target "  # 95% CI
                  f"(ratio of sums over {pair.speedup['n_matched']} requests)")
     for name, c in checks.items():
         echo(f"{name}: speculative output identical to the plain target's in {c['identical_tokens']}/"
@@ -385,10 +385,6 @@ def summary(arms: list[ArmResult], checks: dict[str, Any], tasks: dict[str, Loca
         if arm.results_file:
             echo(f"lm-eval results ({arm.label}): {arm.results_file}")
     return out
-
-
-def _ratio(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def _pct(x: float | None) -> str:

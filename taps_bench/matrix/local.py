@@ -25,7 +25,7 @@ from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.sampling import Sampling
 from taps_bench.matrix.spec import Cell, MatrixSpec, check, plan
 from taps_bench.measure import provenance
-from taps_bench.measure.resolve import build_proposer, build_recipes, check_proposer, tree_settings
+from taps_bench.measure.resolve import auto_tree, build_proposer, build_recipes, check_proposer, tree_settings
 from taps_bench.measure.runner import Arm, measure, skip_in_bar
 from taps_bench.models.targets import Target, load_target
 from taps_bench.results.store import Store
@@ -74,7 +74,10 @@ class Workbench:
         if cell.entry not in self._proposers:
             entry, recipes = check_proposer(self.reg, cell.entry, target.card)
             build_recipes(self.reg, recipes, target, self.data_dir, show_progress=self.show_progress, log=self.log)
-            self._proposers[cell.entry] = build_proposer(self.reg, entry, target, tree_settings(target, spec.tree))
+            # "auto" is chosen once per proposer, calibrated on the task of its first cell (at that temperature).
+            shape, _ = auto_tree(self.reg, entry, target, tree_settings(target, spec.tree), self.reg.task(cell.task),
+                                 self.data_dir, Sampling(temperature=cell.temperature, seed=cell.seed), log=self.log)
+            self._proposers[cell.entry] = build_proposer(self.reg, entry, target, shape)
         proposer, label, settings = self._proposers[cell.entry]
         task = self.reg.task(cell.task)
         if (cell.task, cell.limit) not in self._examples:
@@ -150,15 +153,16 @@ def stored_result(store: Store, prior: dict[str, Any]) -> dict[str, Any] | None:
         base = [s for s in base if s["example_id"] in ids]
     greedy = prior["cell"]["temperature"] == 0
     pair = summarize_pair(spec, base, greedy)
-    ss = pair.speculative
-    return {"n_samples": ss["n_samples"], "tau": ss["tau"], "speedup": pair.speedup["ratio_of_sums"],
+    ss, sp = pair.speculative, pair.speedup
+    return {"n_samples": ss["n_samples"], "tau": ss["tau"], "speedup": sp["ratio_of_sums"],
+            "speedup_ci95": sp["ci95"], "slower_than_plain": sp["slower_than_plain"],
             "lossless_rate": ss["lossless_rate"] if greedy else None, "accuracy": ss["accuracy"]}
 
 
 SUMMARY_COLUMNS = [("target", "target"), ("proposer", "proposer"), ("task", "task"), ("temperature", "T"),
                    ("repeat", "repeat"), ("status", "status"), ("n_samples", "samples"), ("tau", "tau"),
-                   ("speedup", "speedup"), ("lossless_rate", "lossless"), ("accuracy", "accuracy"),
-                   ("error", "error")]
+                   ("speedup", "speedup"), ("speedup_ci95", "95% CI"), ("flag", "flag"),
+                   ("lossless_rate", "lossless"), ("accuracy", "accuracy"), ("error", "error")]
 
 
 def summary_rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
@@ -168,6 +172,10 @@ def summary_rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
         rows.append({"target": o.cell.target, "proposer": o.cell.entry.describe(), "task": o.cell.task,
                      "temperature": o.cell.temperature, "repeat": o.cell.repeat, "status": o.status,
                      **{k: r.get(k) for k in ("n_samples", "tau", "speedup", "lossless_rate", "accuracy")},
+                     # The speedup's 95% bootstrap interval over prompts; a cell whose whole interval is below 1.0
+                     # is flagged (speculative decoding measurably lost to plain decoding there).
+                     "speedup_ci95": "[{:.2f}, {:.2f}]".format(*ci) if (ci := r.get("speedup_ci95")) else None,
+                     "flag": "slower than plain" if r.get("slower_than_plain") else None,
                      "error": (o.error or "")[:80] or None})
     return rows
 

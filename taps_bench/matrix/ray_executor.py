@@ -1,12 +1,12 @@
 """The Ray executor: each matrix cell is a Ray task on its own device; the driver alone writes the database.
 
-A cell task is a Ray generator: it yields a ("run", identity) message per arm, then ("sample", run key, sample) for
-each sample it decodes, so results stream back while the cell runs and a worker that dies mid-cell loses only the
-sample in progress. Before submitting a cell the driver hands it what is already stored for that target, task and
-temperature (which samples exist, and their answer texts: MT-Bench's turn 2 is asked after turn 1's answer), so a
-restarted matrix, or a retried cell, decodes only what is missing. A cell that raises or whose worker dies is
-resubmitted up to `retries` times, then recorded as failed. Tasks ask for one GPU when the cluster has GPUs, else one
-CPU, and each runs at batch size 1, so speedups stay comparable with the local executor's.
+A cell task is a Ray generator: it yields a ("run", identity) message per arm, then ("sample", run key, sample) for each
+sample it decodes (the arms interleaved, prompt by prompt), so results stream back while the cell runs and a worker that
+dies mid-cell loses only the sample in progress. Before submitting a cell the driver hands it what is already stored for
+that target, task and temperature (which samples exist, and their answer texts: MT-Bench's turn 2 is asked after turn
+1's answer), so a restarted matrix, or a retried cell, decodes only what is missing. A cell that raises or whose worker
+dies is resubmitted up to `retries` times, then recorded as failed. Tasks ask for one GPU when the cluster has GPUs,
+else one CPU, and each runs at batch size 1, so speedups stay comparable with the local executor's.
 
 Ray is optional: `pip install ray` to use `--executor ray`; the local executor needs nothing of this.
 """
@@ -42,7 +42,7 @@ def decode_cell(spec_json: str, cell_json: str, include: list[str], data_dir: st
     import torch
 
     from taps_bench.decoding.proposer import Autoregressive
-    from taps_bench.measure.runner import baseline_arm, card_digest, decode_missing, run_settings
+    from taps_bench.measure.runner import Lane, baseline_arm, card_digest, decode_interleaved, run_settings
 
     # One task per CPU: as many torch threads as CPUs Ray gave this task (its batch-size-1 device).
     cpus = int(float(os.environ.get("TAPS_BENCH_TASK_CPUS", "1")))
@@ -55,6 +55,8 @@ def decode_cell(spec_json: str, cell_json: str, include: list[str], data_dir: st
         _BENCH[key] = Workbench(Registry.load(include=[Path(p) for p in include]), Path(data_dir), device, dtype)
     p = _BENCH[key].prepare(spec, cell)
     base = baseline_arm(p.arm.sampling, p.arm.max_new_tokens)
+    lanes: list[Lane] = []
+    keys: list[str] = []
     for arm, proposer in ([(base, Autoregressive())] if spec.baseline else []) + [(p.arm, p.proposer)]:
         identity = {"kind": arm.kind, "target": p.target.name, "task": p.task.name, "proposer": arm.proposer,
                     "temperature": arm.sampling.temperature,
@@ -63,8 +65,13 @@ def decode_cell(spec_json: str, cell_json: str, include: list[str], data_dir: st
         yield ("run", rk, identity, p.provenance)
         done = {(k.rsplit("|", 1)[0], int(k.rsplit("|", 1)[1])): {"output_text": text}
                 for k, text in stored.get(rk, {}).items()}
-        for sample in decode_missing(p.target, p.task, p.examples, proposer, arm, done):
-            yield ("sample", rk, sample)
+        lanes.append(Lane(proposer, arm, done))
+        keys.append(rk)
+    # The arms interleaved sample by sample, as the local executor decodes them (runner.measure): noise on the
+    # worker's device falls on both alike. The driver stores each baseline sample before the speculative one of
+    # the same prompt, so its lossless check finds it.
+    for i, sample in decode_interleaved(p.target, p.task, p.examples, lanes):
+        yield ("sample", keys[i], sample)
 
 
 def cell_from_json(text: str) -> Cell:

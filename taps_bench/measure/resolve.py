@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from taps_bench.catalog.cards import (
     DrafterCard,
@@ -31,6 +31,7 @@ from taps_bench.errors import UserError
 from taps_bench.models.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
 from taps_bench.models.targets import Target, sha256_file
 from taps_bench.training.build import build_recipe, built, store_dir
+from taps_bench.training.vocab import DraftVocab, Setting, resolve_draft_vocab
 
 
 @dataclass
@@ -147,27 +148,78 @@ def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool
                            checkpoint_sha256=sha256_file(weights), card=card)
 
 
-def tree_settings(target: Target, override: TreeOverride | None = None) -> TreeSettings:
-    """The target card's default tree, with whatever the user set laid over it."""
+def tree_settings(target: Target, override: TreeOverride | None = None) -> TreeSettings | Literal["auto"]:
+    """The target card's default tree, with whatever the user set laid over it; "auto" when it is to be chosen for
+    the device and drafter (`auto_tree`)."""
     try:
         return (override or TreeOverride()).over(target.card.tree)
     except ValueError as exc:
         raise UserError(f"bad tree settings: {str(exc).splitlines()[-1].strip()}") from None
 
 
-def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings) -> tuple[EagleProposer,
-                                                                                          dict[str, Any]]:
+def fixed_tree(target: Target, shape: TreeSettings | Literal["auto"]) -> TreeSettings:
+    """`shape`, or the card's fallback tree where "auto" cannot be calibrated (no task prompts at hand)."""
+    return target.card.fallback_tree if shape == "auto" else shape
+
+
+def cost_model(target: Target) -> tuple[Callable[[TreeSettings], Proposer], str]:
+    """What the device profile times drafting with: a random drafter of the target's shape (drafting cost does not
+    depend on the weights), with the card's draft head; and the label that keys the profile."""
+    from taps_bench.models.drafter import random_drafter
+
+    head = target.card.draft_head_dtype
+    drafter = random_drafter(target.model.config)
+    return (lambda tree: EagleProposer(drafter, target.model, tree, name="cost", head_dtype=head)), \
+        f"eagle2 head={head}"
+
+
+def tree_candidates(reg: Registry, spec: ProposerSpec, target: Target, task: Any, data_dir: Path, sampling: Any,
+                    allow_pickle: bool = False, log: Callable[[str], None] = print) -> tuple[list[Any], Any]:
+    """Every tree shape ranked by predicted speedup for this proposer on this device, and the device profile."""
+    from taps_bench.measure import autotree
+
+    calibration, _, settings = build_proposer(reg, spec, target, autotree.CALIBRATION_TREE, allow_pickle)
+    norm = reg.normalise(spec)
+    per_step = 1 if norm.combiner in (None, "average") or dict(norm.options).get("granularity") == "prompt" \
+        else len(norm.names())
+    make, label = cost_model(target)
+    prompts = autotree.calibration_prompts(target, task, data_dir)
+    return autotree.choose(target, calibration, settings, make, label, per_step, prompts, sampling, log=log)
+
+
+def auto_tree(reg: Registry, spec: ProposerSpec, target: Target, shape: TreeSettings | Literal["auto"], task: Any,
+              data_dir: Path, sampling: Any, allow_pickle: bool = False,
+              log: Callable[[str], None] = print) -> tuple[TreeSettings, dict[str, Any]]:
+    """`shape` itself, or the one `--tree auto` predicts fastest for this proposer on this device (autotree.py).
+    Returns the tree and what to record with the run about the choice."""
+    if shape != "auto":
+        return shape, {}
+    ranked, profile = tree_candidates(reg, spec, target, task, data_dir, sampling, allow_pickle, log)
+    best = ranked[0]
+    return best.tree, {"tree_choice": "auto", "device_profile": profile.key,
+                       "predicted": {"tau": round(best.tau, 4), "verify_ratio": round(best.verify_ratio, 4),
+                                     "draft_ratio": round(best.draft_ratio, 4), "speedup": round(best.speedup, 4)}}
+
+
+def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings,
+                   vocab: DraftVocab | None = None) -> tuple[EagleProposer, dict[str, Any]]:
     """The single-drafter proposer and the settings that identify it in the store."""
     settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
                 "tree": tree.model_dump(), "draft_head_dtype": target.card.draft_head_dtype}
+    if vocab is not None:  # absent for the full vocabulary, so runs stored before reduced vocabularies still match
+        settings["draft_vocab"] = vocab.settings()
     return EagleProposer(resolved.drafter, target.model, tree, name=resolved.name,
-                         head_dtype=target.card.draft_head_dtype), settings
+                         head_dtype=target.card.draft_head_dtype,
+                         draft_ids=None if vocab is None else vocab.ids), settings
 
 
 def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: TreeSettings,
-                   allow_pickle: bool = False) -> tuple[Proposer, str, dict[str, Any]]:
+                   allow_pickle: bool = False, draft_vocab: Setting = None,
+                   data_dir: Path | None = None) -> tuple[Proposer, str, dict[str, Any]]:
     """(proposer, label stored with the run, settings that identify it). Every drafter must be loadable now (see
-    `check_proposer` and `build_recipes` for the ones a recipe still has to build)."""
+    `check_proposer` and `build_recipes` for the ones a recipe still has to build). `draft_vocab` (--draft-vocab;
+    None: the target card's) picks a single drafter's reduced vocabulary from its corpus under `data_dir` (None:
+    $TAPS_BENCH_DATA); combiners draft over the full vocabulary."""
     spec = reg.normalise(spec)
     resolved = [load_for_target(reg, n, target, allow_pickle) for n in spec.names()]
     seen: dict[str, int] = {}
@@ -176,7 +228,8 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
         if seen[r.name] > 1:
             r.name = f"{r.name}#{seen[r.name]}"
     if spec.drafter:
-        proposer, settings = eagle_proposer(resolved[0], target, tree)
+        vocab = resolve_draft_vocab(reg, target, draft_vocab, resolved[0].card, data_dir)
+        proposer, settings = eagle_proposer(resolved[0], target, tree, vocab)
         return proposer, resolved[0].name, settings
     options = reg.combiner_options(spec)
     head = target.card.draft_head_dtype

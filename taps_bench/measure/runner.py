@@ -1,14 +1,19 @@
-"""Run one arm (a proposer on a task against a target) sample by sample into the store.
+"""Run arms (a proposer on a task against a target) sample by sample into the store.
 
 Every sample (prompt x turn) is committed as it finishes; samples already stored under the same run identity are
 skipped, so a killed run resumes where it stopped and a repeated command computes nothing new.
+
+A measurement decodes its two arms interleaved: for each (example, turn) the baseline sample, then the speculative
+one, after an untimed warm-up decode with each proposer. Machine noise (another process, thermal throttling, a
+cold cache) then falls on both arms alike instead of on whichever arm happened to run during it, and neither arm
+pays for first-call costs (weight packing, allocator growth) the other skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,54 +72,122 @@ def run_settings(target: Target, task_digest: str, data_hash: str, arm: Arm,
     }
 
 
+WARM_UP_TOKENS = 8  # enough to run prefill, a draft and a verify once; too short to cost anything
+
+
+@dataclass
+class Lane:
+    """One arm being decoded. `done`: its samples by (example_id, turn), the stored ones at first; every new sample
+    is added as it is decoded, so later turns and the lossless check see it. `reference`: the autoregressive
+    samples (by the same key) that, at temperature 0, each new sample is compared with token for token (the
+    lossless check); a speculative lane passes its baseline lane's `done`, so the baseline sample decoded just
+    before is the reference."""
+
+    proposer: Proposer
+    arm: Arm
+    done: dict[tuple[str, int], dict[str, Any]]
+    reference: dict[tuple[str, int], dict[str, Any]] | None = None
+
+    def missing(self, examples: list[Example]) -> int:
+        return sum(1 for ex in examples for t in range(len(ex.turns)) if (ex.id, t) not in self.done)
+
+
+def open_run(store: Store, target: Target, task: TaskCard, arm: Arm, data_hash: str,
+             provenance: dict[str, Any]) -> int:
+    """The id of the arm's run in the store (created if new)."""
+    return store.get_or_create_run(arm.kind, target.name, task.name, arm.proposer, arm.sampling.temperature,
+                                   run_settings(target, card_digest(task), data_hash, arm), provenance)
+
+
 def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example], proposer: Proposer, arm: Arm,
             data_hash: str, provenance: dict[str, Any], reference: dict[tuple[str, int], dict] | None = None,
             show_progress: bool = True, bar: tqdm | None = None) -> int:
-    """Decode every (example, turn) not yet stored; return the run id.
+    """One arm alone (`taps-bench baseline`): decode every (example, turn) not yet stored; return the run id.
 
-    `reference`: stored autoregressive samples by (example_id, turn); at temperature 0 each new sample records
-    whether its output equals the reference token for token (the lossless check).
-    `bar`: a progress bar shared with the caller (a matrix); its total already counts this arm's samples, and the
-    ones already stored are moved into its `initial` so that the time-left estimate counts only real work.
+    `reference`: stored autoregressive samples by (example_id, turn) for the lossless check (see `Lane`).
+    `bar`: a progress bar shared with the caller (see `run_lanes`).
     """
-    settings = run_settings(target, card_digest(task), data_hash, arm)
-    run_id = store.get_or_create_run(arm.kind, target.name, task.name, arm.proposer, arm.sampling.temperature,
-                                     settings, provenance)
-    done = store.done(run_id)
-    todo = sum(1 for ex in examples for t in range(len(ex.turns)) if (ex.id, t) not in done)
+    run_id = open_run(store, target, task, arm, data_hash, provenance)
+    lane = Lane(proposer, arm, store.done(run_id), reference)
+    run_lanes(store, target, task, examples, [(run_id, lane)], f"{arm.proposer} on {task.name}", show_progress, bar)
+    return run_id
+
+
+def run_lanes(store: Store, target: Target, task: TaskCard, examples: list[Example], lanes: list[tuple[int, Lane]],
+              desc: str, show_progress: bool = True, bar: tqdm | None = None) -> None:
+    """Decode the lanes interleaved (see `decode_interleaved`), storing each sample into its run as it finishes.
+
+    One progress bar counts every lane's samples. `bar`: one shared with the caller (a matrix); its total already
+    counts these samples, and the ones already stored are moved into its `initial` so that the time-left estimate
+    counts only real work.
+    """
+    todo = sum(lane.missing(examples) for _, lane in lanes)
     shared = bar is not None
     if bar is None:
-        bar = tqdm(total=todo, desc=f"{arm.proposer} on {task.name}", unit="sample",
-                   disable=not show_progress or not todo, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=todo, desc=desc, unit="sample", disable=not show_progress or not todo, file=sys.stderr,
+                   dynamic_ncols=True)
     else:
-        skip_in_bar(bar, sum(len(ex.turns) for ex in examples) - todo)
-    tokens = seconds = 0.0
-    for sample in decode_missing(target, task, examples, proposer, arm, done, reference):
-        store.add_sample(run_id, sample)
-        tokens += sample["new_tokens"]
-        seconds += sample["total_s"]
+        skip_in_bar(bar, sum(len(ex.turns) for ex in examples) * len(lanes) - todo)
+    rates = [[0.0, 0.0] for _ in lanes]  # per lane: tokens, seconds of the samples decoded now
+    for i, sample in decode_interleaved(target, task, examples, [lane for _, lane in lanes]):
+        store.add_sample(lanes[i][0], sample)
+        rates[i][0] += sample["new_tokens"]
+        rates[i][1] += sample["total_s"]
         bar.update(1)
-        bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.1f} tok/s")
+        bar.set_postfix_str(_rates([lane.arm.kind for _, lane in lanes], rates))
     if not shared:
         bar.close()
-    return run_id
+
+
+def _rates(kinds: list[str], rates: list[list[float]]) -> str:
+    """The bar's postfix: tokens/s of the samples decoded so far, per arm when there are two."""
+    shown = [(kind, n / s) for kind, (n, s) in zip(kinds, rates, strict=True) if s > 0]
+    if not shown:
+        return ""
+    if len(kinds) == 1:
+        return f"{shown[0][1]:.1f} tok/s"
+    return ", ".join(f"{kind} {rate:.1f}" for kind, rate in shown) + " tok/s"
+
+
+def decode_interleaved(target: Target, task: TaskCard, examples: list[Example],
+                       lanes: Sequence[Lane]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (lane index, new sample) for every (example, turn) a lane lacks: for each (example, turn) in order,
+    each lane's sample in lane order, so the arms alternate sample by sample. Before the first, every lane with
+    work decodes a few untimed tokens of the first prompt (discarded). Each lane follows its own history: later
+    turns are asked after that arm's own earlier answers (MT-Bench), from `done` when stored and from the new
+    sample otherwise, so `done` needs only each sample's `output_text` (and `output_ids` for a reference)."""
+    busy = [lane for lane in lanes if lane.missing(examples)]
+    if busy and examples:
+        warm_up(target, examples[0], busy)
+    for ex in examples:
+        histories: list[list[dict[str, str]]] = [[] for _ in lanes]
+        for turn, text in enumerate(ex.turns):
+            for i, (lane, history) in enumerate(zip(lanes, histories, strict=True)):
+                history.append({"role": "user", "content": text})
+                sample = lane.done.get((ex.id, turn))
+                if sample is None:
+                    sample = _decode_one(target, task, ex, turn, history, lane.proposer, lane.arm, lane.reference)
+                    lane.done[(ex.id, turn)] = sample
+                    yield i, sample
+                history.append({"role": "assistant", "content": sample["output_text"]})
+
+
+def warm_up(target: Target, example: Example, lanes: Sequence[Lane]) -> None:
+    """A short decode of the example's first turn with each lane's proposer, results discarded: the first
+    decode of a process pays one-off costs (weight preparation, cache allocation) that no sample should carry."""
+    _, prompt_ids = _prompt(target, [{"role": "user", "content": example.turns[0]}])
+    for lane in lanes:
+        generate(target.model, prompt_ids, lane.proposer, lane.arm.sampling,
+                 min(WARM_UP_TOKENS, lane.arm.max_new_tokens), target.stop_ids, lane.arm.sampling.generator("warm-up"))
 
 
 def decode_missing(target: Target, task: TaskCard, examples: list[Example], proposer: Proposer, arm: Arm,
                    done: dict[tuple[str, int], dict[str, Any]],
                    reference: dict[tuple[str, int], dict] | None = None) -> Iterator[dict[str, Any]]:
-    """Yield a new sample for every (example, turn) not in `done`, in order. Later turns are asked after the
-    model's own earlier answers (MT-Bench), read from `done` when stored and from the new sample otherwise, so
-    `done` needs only each sample's `output_text`."""
-    for ex in examples:
-        history: list[dict[str, str]] = []
-        for turn, text in enumerate(ex.turns):
-            history.append({"role": "user", "content": text})
-            stored = done.get((ex.id, turn))
-            if stored is None:
-                stored = _decode_one(target, task, ex, turn, history, proposer, arm, reference)
-                yield stored
-            history.append({"role": "assistant", "content": stored["output_text"]})
+    """Yield a new sample for every (example, turn) not in `done`, in order: one arm alone (`decode_interleaved`
+    with one lane; `done` is not changed)."""
+    for _, sample in decode_interleaved(target, task, examples, [Lane(proposer, arm, dict(done), reference)]):
+        yield sample
 
 
 def skip_in_bar(bar: tqdm, n: int) -> None:
@@ -144,7 +217,8 @@ class Measurement:
         return {"run_id": self.run_id, "baseline_run_id": self.baseline_run_id, "target": target.name,
                 "drafter": self.arm.proposer, "decisions": self.summary.decisions, "task": self.task,
                 "temperature": self.arm.sampling.temperature, "n_samples": ss["n_samples"], "tau": ss["tau"],
-                "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
+                "tau_ci95": ss["tau_ci95"], "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
+                "speedup_ci95": sp["ci95"], "slower_than_plain": sp["slower_than_plain"],
                 "speedup_mean_of_ratios": sp["mean_of_ratios"], "tokens_per_s": ss["tokens_per_s"],
                 "baseline_tokens_per_s": sb["tokens_per_s"], "lossless_rate": ss["lossless_rate"],
                 "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],
@@ -157,24 +231,26 @@ class Measurement:
 def measure(store: Store, target: Target, task: TaskCard, examples: list[Example], proposer: Proposer, arm: Arm,
             data_hash: str, provenance: dict[str, Any], baseline: bool = True, show_progress: bool = True,
             bar: tqdm | None = None) -> Measurement:
-    """The autoregressive arm (reused when stored; with baseline=False only stored samples are used), then the
-    speculative arm, on the same prompts, with the lossless check at temperature 0."""
-    base_id = run_arm(store, target, task, examples if baseline else [], Autoregressive(),
-                      baseline_arm(arm.sampling, arm.max_new_tokens), data_hash,
-                      provenance, show_progress=show_progress, bar=bar)
-    spec_id = run_arm(store, target, task, examples, proposer, arm, data_hash, provenance,
-                      reference=store.done(base_id), show_progress=show_progress, bar=bar)
+    """The autoregressive arm and the speculative arm on the same prompts, decoded interleaved sample by sample
+    (module docstring), with the lossless check at temperature 0. Stored samples of either arm are reused; with
+    baseline=False the baseline is only read (its stored samples serve the speedup and the lossless check)."""
+    base_arm = baseline_arm(arm.sampling, arm.max_new_tokens)
+    base_id = open_run(store, target, task, base_arm, data_hash, provenance)
+    spec_id = open_run(store, target, task, arm, data_hash, provenance)
+    base = Lane(Autoregressive(), base_arm, store.done(base_id))
+    spec = Lane(proposer, arm, store.done(spec_id), reference=base.done)
+    lanes = ([(base_id, base)] if baseline else []) + [(spec_id, spec)]
+    run_lanes(store, target, task, examples, lanes, f"{arm.proposer} vs autoregressive on {task.name}"
+              if baseline else f"{arm.proposer} on {task.name}", show_progress, bar)
     ids = [ex.id for ex in examples]
-    base, spec = of_examples(store.samples(base_id), ids), of_examples(store.samples(spec_id), ids)
+    base_samples, spec_samples = of_examples(store.samples(base_id), ids), of_examples(store.samples(spec_id), ids)
     return Measurement(arm=arm, task=task.name, run_id=spec_id, baseline_run_id=base_id,
-                       summary=summarize_pair(spec, base, arm.sampling.greedy))
+                       summary=summarize_pair(spec_samples, base_samples, arm.sampling.greedy))
 
 
 def _decode_one(target: Target, task: TaskCard, ex: Example, turn: int, history: list[dict[str, str]],
                 proposer: Proposer, arm: Arm, reference: dict[tuple[str, int], dict] | None) -> dict[str, Any]:
-    text = render_prompt(target.tokenizer, target.card, history)
-    # The chat template is the single source of special tokens (Llama-3's template writes <|begin_of_text|>).
-    prompt_ids = target.tokenizer(text, add_special_tokens=False).input_ids
+    text, prompt_ids = _prompt(target, history)
     gen = arm.sampling.generator(task.name, ex.id, turn)
     out = generate(target.model, prompt_ids, proposer, arm.sampling, arm.max_new_tokens, target.stop_ids, gen)
     answer = target.tokenizer.decode(out.output_ids, skip_special_tokens=True)
@@ -185,3 +261,9 @@ def _decode_one(target: Target, task: TaskCard, ex: Example, turn: int, history:
                          greedy=arm.sampling.greedy, gold=gold,
                          extracted=extract_answer(task.scorer, answer) if gold is not None else None,
                          correct=is_correct(task.scorer, answer, gold) if gold is not None else None)
+
+
+def _prompt(target: Target, history: list[dict[str, str]]) -> tuple[str, list[int]]:
+    text = render_prompt(target.tokenizer, target.card, history)
+    # The chat template is the single source of special tokens (Llama-3's template writes <|begin_of_text|>).
+    return text, target.tokenizer(text, add_special_tokens=False).input_ids

@@ -82,7 +82,7 @@ def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int =
     from taps_bench.data.tasks import data_file_hash, load_examples, resolve_data_dir
     from taps_bench.decoding.sampling import Sampling
     from taps_bench.measure import provenance
-    from taps_bench.measure.resolve import ResolvedDrafter, eagle_proposer
+    from taps_bench.measure.resolve import ResolvedDrafter, eagle_proposer, fixed_tree
     from taps_bench.measure.runner import Arm, measure
     from taps_bench.models.drafter import check_against_target, load_drafter
     from taps_bench.models.targets import load_target, sha256_file
@@ -112,7 +112,7 @@ def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int =
     prov = provenance.collect(target)
     resolved = ResolvedDrafter(name=card.name, drafter=drafter, checkpoint=where,
                                checkpoint_sha256=sha256_file(weights), card=None)
-    proposer, settings = eagle_proposer(resolved, target, target.card.tree)
+    proposer, settings = eagle_proposer(resolved, target, fixed_tree(target, target.card.tree))
     arm = Arm(kind="speculative", proposer=card.name, sampling=Sampling(temperature=0.0),
               max_new_tokens=max_new_tokens, settings=settings)
     rows, runs = [], []
@@ -133,7 +133,7 @@ def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int =
             bar.close()
             store.close()
     smoke = {"tasks": [t.name for t in tasks], "limit": limit, "max_new_tokens": max_new_tokens, "temperature": 0.0,
-             "tree": target.card.tree.model_dump()}
+             "tree": fixed_tree(target, target.card.tree).model_dump()}
     write_json(out, {"format": FORMAT, "version": VERSION, "created_at": datetime.now(timezone.utc).isoformat(),
                      "submission": card_json(card), "provenance": prov, "smoke": smoke, "summary": rows,
                      "runs": runs})

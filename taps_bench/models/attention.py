@@ -82,9 +82,11 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return torch.cat([x, pad], dim=-2)
 
 
-def causal_attention(cache: Cache, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Prefill: the prompt's own causal attention (cache empty before). q [n, heads, d] -> [n, heads, d]."""
-    cache.write(layer, 0, k, v)
+def causal_attention(cache: Cache | None, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Prefill: the prompt's own causal attention (cache empty before; None: keep nothing, as feature extraction
+    does). q [n, heads, d] -> [n, heads, d]."""
+    if cache is not None:
+        cache.write(layer, 0, k, v)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(0, 1)

@@ -23,6 +23,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from taps_bench.errors import UserError
+from taps_bench.models.forward import Linear
 
 
 @dataclass
@@ -165,6 +166,27 @@ def vocab_head(lm_head: nn.Module, dtype: str) -> Callable[[Tensor], Tensor]:
 
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def draft_head(lm_head: nn.Module, dtype: str, rows: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """`vocab_head` for drafting only (no autograd): float32 logits [n, V] from features [n, H], or [n, len(rows)]
+    over the lm_head rows `rows` (a reduced draft vocabulary), through a pre-packed `forward.Linear` (float32 on
+    CPU). Built once per (lm_head, dtype, rows) and shared: the proposers of a combiner read the same head."""
+    if dtype == "auto":
+        dtype = "bfloat16" if has_bf16_matmul() else "target"
+    if dtype != "target" and dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown head dtype '{dtype}'; use target, auto, float32 or bfloat16")
+    dt = lm_head.weight.dtype if dtype == "target" else DTYPE_NAMES[dtype]
+    key = (str(dt), None if rows is None else tuple(rows.tolist()))
+    heads = lm_head.__dict__.setdefault("_taps_bench_draft_heads", {})
+    if key not in heads:
+        weight, bias = lm_head.weight.detach(), getattr(lm_head, "bias", None)
+        if rows is not None:
+            index = rows.to(weight.device)
+            weight, bias = weight[index], None if bias is None else bias[index]
+        heads[key] = Linear(weight.to(dt).contiguous(), None if bias is None else bias.detach().to(dt))
+    head = heads[key]
+    return lambda h: head(h.to(dt)).float()
 
 
 # -- checkpoint format -----------------------------------------------------------------------------------------

@@ -199,8 +199,9 @@ def _run(w: Weights, ids: Tensor, positions: Tensor, attend_for: Any, logits_row
     return hidden, w.lm_head(hidden if logits_rows is None else hidden[logits_rows])
 
 
-def prefill(w: Weights, ids: Tensor, cache: Cache) -> tuple[Tensor, Tensor]:
-    """The prompt through the target into an empty cache: post-norm hidden of every token, logits of the last one.
+def prefill(w: Weights, ids: Tensor, cache: Cache | None) -> tuple[Tensor, Tensor]:
+    """The prompt through the target into an empty cache (or none): post-norm hidden of every token, logits of the
+    last one.
 
     Causal attention here need not be batch-invariant: both arms of a measurement run this same prefill."""
     n = ids.numel()

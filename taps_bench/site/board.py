@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -190,6 +190,8 @@ class Row:
     published: dict[str, float] = field(default_factory=dict)
     published_metric: str = ""  # the metric the published numbers are of
     values: dict[str, float | None] = field(default_factory=dict)
+    intervals: dict[str, list[float] | None] = field(default_factory=dict)  # speedup columns: 95% bootstrap CI
+    slower: bool = False  # a speedup column's whole interval lies below 1.0 (summaries.slower_than_plain)
     slug: str = ""
     note: str = ""
 
@@ -264,9 +266,7 @@ def collect(store: Store, schema: Schema | None = None) -> list[Board]:
     boards = []
     for (target, temperature), rows_by_key in sorted(groups.items()):
         rows = []
-        labels: dict[str, int] = defaultdict(int)
-        for proposer, _ in rows_by_key:
-            labels[proposer] += 1
+        labels = Counter(proposer for proposer, _ in rows_by_key)
         for (proposer, key), per_task in rows_by_key.items():
             settings, provs = info[(target, temperature, proposer, key)]
             row = Row(name=proposer, kind="combiner" if "combiner" in settings else "drafter", settings=settings,
@@ -333,16 +333,15 @@ def _oracle_rows(rows: list[Row], rows_by_key: dict, temperature: float) -> list
 
 
 def metric_value(metric: Metric, result: TaskResult) -> float | None:
-    if metric.compute == "speedup":
-        return result.speedup.get("ratio_of_sums")
-    return result.summary.get(metric.compute)
+    return result.speedup.get("ratio_of_sums") if metric.compute == "speedup" else result.summary.get(metric.compute)
 
 
 def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool) -> dict[str, float | None]:
     values: dict[str, float | None] = {}
-    whole: list[TaskResult] = []  # the row's tasks as one, built on first use (it summarizes every sample again)
+    whole: TaskResult | None = None  # the row's tasks as one, built on first use (it summarizes every sample again)
     for col in columns:
         metric = schema.metrics[col.metric]
+        values[col.id], result = None, None  # `result`: the one summary the cell reads, if it reads one
         if col.mean_of:
             parts = [values.get(c) for c in col.mean_of]
             values[col.id] = sum(parts) / len(parts) if all(p is not None for p in parts) else None  # type: ignore
@@ -350,19 +349,20 @@ def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool) -> di
             values[col.id] = row.published.get(col.task or "") if col.metric == row.published_metric else None
         elif col.task == "all":
             pool = metric.pool if row.tasks and schema.shows_pooled(row.kind, col.metric) else None
-            if pool is None:
-                values[col.id] = None
-            elif pool.over == "samples":
-                whole = whole or [_as_one(row, greedy)]
-                values[col.id] = metric_value(metric, whole[0])
-            else:
+            if pool is not None and pool.over == "samples":
+                result = whole = whole or _as_one(row, greedy)
+            elif pool is not None:
                 weights = [(metric_value(metric, r), r.summary.get(pool.weighted_by or "") or 0)
                            for r in row.tasks.values()]
                 n = sum(w for _, w in weights)
                 values[col.id] = sum((v or 0) * w for v, w in weights) / n if n else None
         else:
             result = row.tasks.get(col.task or "")
-            values[col.id] = metric_value(metric, result) if result else None
+        if result is not None:
+            values[col.id] = metric_value(metric, result)
+            if metric.compute == "speedup":  # its interval, and the flag summaries derives from it
+                row.intervals[col.id] = result.speedup.get("ci95")
+                row.slower |= bool(result.speedup.get("slower_than_plain"))
     return values
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from taps_bench.errors import UserError
-from taps_bench.models.drafter import KV, Drafter, random_drafter, save_drafter, vocab_head
+from taps_bench.models.drafter import KV, Drafter, has_bf16_matmul, random_drafter, save_drafter, vocab_head
 from taps_bench.training.features import Sequence
 
 
@@ -52,6 +52,10 @@ class TrainSettings:
     # the hardware has bf16 matrix units (CUDA, or CPUs with AVX512-BF16/AMX: 3.6x faster here), else in float32;
     # softmaxes and losses are always float32. EAGLE and HASS train in bf16 mixed precision too.
     head_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The drafter's own matrix products under bf16 autocast ("auto": where the hardware has bf16 matrix units, as
+    # for head_dtype); weights, optimizer state and losses stay float32. tests/test_train.py checks the loss curve
+    # against float32 training.
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
 
     @property
     def steps_per_batch(self) -> int:
@@ -186,6 +190,8 @@ def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: T
     drafter.train()
     embed, lm_head = target_model.get_input_embeddings(), vocab_head(target_model.lm_head, s.head_dtype)
     params = [p for p in drafter.parameters() if p.requires_grad]
+    device_type = next(drafter.parameters()).device.type
+    use_autocast = s.autocast == "bfloat16" or (s.autocast == "auto" and has_bf16_matmul())
     opt = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=0.0)
     per_epoch = len(batches(seqs, s.batch_tokens, torch.Generator().manual_seed(0)))
     total = max(1, per_epoch * s.epochs)
@@ -214,7 +220,8 @@ def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: T
         for idx in batches(seqs, s.batch_tokens, gen):
             t0 = time.perf_counter()
             batch = make_batch([seqs[i] for i in idx])
-            losses = batch_losses(drafter, embed, lm_head, batch, s, gen)
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
+                losses = batch_losses(drafter, embed, lm_head, batch, s, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_value_(params, s.grad_clip)
