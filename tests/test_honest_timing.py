@@ -278,3 +278,20 @@ def test_the_leaderboard_shows_the_interval_and_marks_a_slower_row(tmp_path: Pat
     details = "".join(p.read_text() for p in (tmp_path / "site" / "drafters").glob("*.html"))
     assert "slower than plain" in details  # the drafter page marks the task too
     store.close()
+
+
+def test_step_costs_explain_the_speedup_in_plain_decoding_steps() -> None:
+    """A speculative step of 1.5 plain steps of verification and 0.5 of drafting, 4 tokens a step: predicted 2.0x."""
+    def sample(i: int, steps: int, verify: float, draft: float, total: float, accepts: list[int]) -> dict[str, Any]:
+        return {"example_id": str(i), "turn": 0, "new_tokens": 1 + sum(a + 1 for a in accepts), "steps": steps,
+                "total_s": total, "prefill_s": 0.1, "verify_s": verify, "draft_s": draft,
+                "accept_lengths": accepts, "output_ids": list(range(1 + sum(a + 1 for a in accepts)))}
+
+    # baseline: 12 decode steps of 0.1 s (+ 0.1 s prefill); speculative: 3 steps of 0.15 s verify + 0.05 s draft
+    base = [sample(i, 13, 1.2, 0.0, 1.3, [0] * 12) for i in range(3)]
+    spec = [sample(i, 4, 0.45, 0.15, 0.1 + 0.45 + 0.15 + 0.03, [3, 3, 3]) for i in range(3)]
+    cost = summarize_pair(spec, base, greedy=False).speedup["cost"]
+    assert cost["verify_ratio"] == pytest.approx(1.5) and cost["draft_ratio"] == pytest.approx(0.5)
+    assert cost["tokens_per_step"] == pytest.approx(4.0) and cost["predicted_speedup"] == pytest.approx(2.0)
+    assert cost["other_share"] == pytest.approx(0.03 / 0.63)
+    assert summarize_pair([], base, greedy=False).speedup["cost"] is None

@@ -155,6 +155,11 @@ def measure(session: Session, loaded: Loaded, proposer: Any, label: str, setting
         click.echo(f"speedup {speedup_text(sp, 3)} (ratio of sums; mean of per-question ratios "
                    f"{_fmt(sp['mean_of_ratios'])}x)   lossless {_fmt(ss['lossless_rate'])}   mean tree "
                    f"{_fmt(ss['mean_tree_size'])} nodes")
+        if sp["cost"]:
+            c = sp["cost"]
+            click.echo(f"per step: {c['tokens_per_step']:.2f} tokens for verify {c['verify_ratio']:.2f} + draft "
+                       f"{c['draft_ratio']:.2f} plain steps -> predicted {c['predicted_speedup']:.2f}x; decoding time: "
+                       f"draft {c['draft_share']:.0%}, verify {c['verify_share']:.0%}, other {c['other_share']:.0%}")
         if s.decisions:
             click.echo("routing / accepted-subtree share: " + ", ".join(f"{k} {v:.1%}" for k, v in s.decisions.items()))
     return m.result(loaded.target, loaded.provenance) | {"db": session.store.shown}

@@ -218,7 +218,7 @@ class Measurement:
                 "drafter": self.arm.proposer, "decisions": self.summary.decisions, "task": self.task,
                 "temperature": self.arm.sampling.temperature, "n_samples": ss["n_samples"], "tau": ss["tau"],
                 "tau_ci95": ss["tau_ci95"], "tau_macro": ss["tau_macro"], "speedup": sp["ratio_of_sums"],
-                "speedup_ci95": sp["ci95"], "slower_than_plain": sp["slower_than_plain"],
+                "speedup_ci95": sp["ci95"], "slower_than_plain": sp["slower_than_plain"], "step_cost": sp["cost"],
                 "speedup_mean_of_ratios": sp["mean_of_ratios"], "tokens_per_s": ss["tokens_per_s"],
                 "baseline_tokens_per_s": sb["tokens_per_s"], "lossless_rate": ss["lossless_rate"],
                 "accuracy": ss["accuracy"], "baseline_accuracy": sb["accuracy"],

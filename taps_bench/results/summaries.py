@@ -129,6 +129,25 @@ class PairSummary:
     decisions: dict[str, float]
 
 
+def step_costs(ss: dict[str, Any], sb: dict[str, Any]) -> dict[str, float] | None:
+    """Why a drafter is as fast as it is: a speculative step's verify and draft time in plain decoding steps, the
+    speedup those two ratios predict (tokens per step / (verify + draft)), and each part's share of decoding time
+    (prefill excluded). The gap between predicted and measured speedup is the rest (`other_share`)."""
+    base_steps, steps = sb["verify_steps"], ss["verify_steps"]
+    base_s = sb["wall_s"] - sb["prefill_s"]
+    decode_s = ss["wall_s"] - ss["prefill_s"]
+    if not base_steps or not steps or base_s <= 0 or decode_s <= 0:
+        return None
+    plain_step = base_s / base_steps
+    verify = ss["verify_s"] / steps / plain_step
+    draft = ss["draft_s"] / steps / plain_step
+    tokens_per_step = (ss["mean_accept_length"] or 0.0) + 1.0
+    return {"verify_ratio": verify, "draft_ratio": draft, "tokens_per_step": tokens_per_step,
+            "predicted_speedup": tokens_per_step / (verify + draft) if verify + draft > 0 else 0.0,
+            "draft_share": ss["draft_s"] / decode_s, "verify_share": ss["verify_s"] / decode_s,
+            "other_share": ss["overhead_s"] / decode_s}
+
+
 def summarize_pair(spec: list[Sample], base: list[Sample], greedy: bool) -> PairSummary:
     ss = summarize(spec)
     if greedy:
@@ -137,4 +156,6 @@ def summarize_pair(spec: list[Sample], base: list[Sample], greedy: bool) -> Pair
     sp = speedup(spec, base)
     sp["ci95"], sp["n"] = speedup_interval(spec, base)
     sp["slower_than_plain"] = slower_than_plain(sp["ci95"])
-    return PairSummary(speculative=ss, baseline=summarize(base), speedup=sp, decisions=decisions(spec))
+    sb = summarize(base)
+    sp["cost"] = step_costs(ss, sb)
+    return PairSummary(speculative=ss, baseline=sb, speedup=sp, decisions=decisions(spec))
