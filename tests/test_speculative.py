@@ -300,7 +300,7 @@ def smollm_ar(smollm):
                                              (SMOLLM_PROMPTS[1], TreeSettings(total_tokens=5, depth=3, top_k=1))])
 def test_eagle_greedy_is_lossless_on_smollm(smollm, smollm_ar, text, shape):
     target = smollm
-    proposer = EagleProposer(random_drafter(target.model.config), target.model, shape or target.card.tree)
+    proposer = EagleProposer(random_drafter(target.model.config), target.model, shape or target.card.fallback_tree)
     out = generate(target.model, smollm_prompt(target, text), proposer, GREEDY, 32, target.stop_ids)
     assert out.output_ids == smollm_ar[text]
     check_counters(out.counters, out.output_ids, 32)

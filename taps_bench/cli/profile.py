@@ -35,7 +35,7 @@ def profile(obj: Context, proposer: ProposerSpec | None, tree: Any, top: int, re
     loaded = _load(session)
     target = loaded.target
     ranked: list[autotree.Candidate] = []
-    make, label = cost_model(target)
+    make, label = cost_model(obj.registry, target, None, session.data_dir)
     prompts = autotree.calibration_prompts(target, session.task, session.data_dir)
     prof = autotree.cached_profile(target, make, label, prompts[0] * 4, log=err, refresh=refresh)
     if proposer is not None:

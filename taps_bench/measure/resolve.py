@@ -162,39 +162,46 @@ def fixed_tree(target: Target, shape: TreeSettings | Literal["auto"]) -> TreeSet
     return target.card.fallback_tree if shape == "auto" else shape
 
 
-def cost_model(target: Target) -> tuple[Callable[[TreeSettings], Proposer], str]:
+def cost_model(reg: Registry, target: Target, draft_vocab: Setting = None,
+               data_dir: Path | None = None) -> tuple[Callable[[TreeSettings], Proposer], str]:
     """What the device profile times drafting with: a random drafter of the target's shape (drafting cost does not
-    depend on the weights), with the card's draft head; and the label that keys the profile."""
+    depend on the weights) with the card's draft head and the run's draft vocabulary size; and the label that keys
+    the profile."""
     from taps_bench.models.drafter import random_drafter
 
     head = target.card.draft_head_dtype
+    vocab = resolve_draft_vocab(reg, target, draft_vocab, None, data_dir, log=lambda _: None)
+    ids = None if vocab is None else vocab.ids
     drafter = random_drafter(target.model.config)
-    return (lambda tree: EagleProposer(drafter, target.model, tree, name="cost", head_dtype=head)), \
-        f"eagle2 head={head}"
+    size = target.model.config.vocab_size if ids is None else int(ids.numel())
+    return (lambda tree: EagleProposer(drafter, target.model, tree, name="cost", head_dtype=head, draft_ids=ids)), \
+        f"eagle2 head={head} vocab={size}"
 
 
 def tree_candidates(reg: Registry, spec: ProposerSpec, target: Target, task: Any, data_dir: Path, sampling: Any,
-                    allow_pickle: bool = False, log: Callable[[str], None] = print) -> tuple[list[Any], Any]:
+                    allow_pickle: bool = False, log: Callable[[str], None] = print,
+                    draft_vocab: Setting = None) -> tuple[list[Any], Any]:
     """Every tree shape ranked by predicted speedup for this proposer on this device, and the device profile."""
     from taps_bench.measure import autotree
 
-    calibration, _, settings = build_proposer(reg, spec, target, autotree.CALIBRATION_TREE, allow_pickle)
+    calibration, _, settings = build_proposer(reg, spec, target, autotree.CALIBRATION_TREE, allow_pickle,
+                                              draft_vocab, data_dir)
     norm = reg.normalise(spec)
     per_step = 1 if norm.combiner in (None, "average") or dict(norm.options).get("granularity") == "prompt" \
         else len(norm.names())
-    make, label = cost_model(target)
+    make, label = cost_model(reg, target, draft_vocab, data_dir)
     prompts = autotree.calibration_prompts(target, task, data_dir)
     return autotree.choose(target, calibration, settings, make, label, per_step, prompts, sampling, log=log)
 
 
 def auto_tree(reg: Registry, spec: ProposerSpec, target: Target, shape: TreeSettings | Literal["auto"], task: Any,
-              data_dir: Path, sampling: Any, allow_pickle: bool = False,
-              log: Callable[[str], None] = print) -> tuple[TreeSettings, dict[str, Any]]:
+              data_dir: Path, sampling: Any, allow_pickle: bool = False, log: Callable[[str], None] = print,
+              draft_vocab: Setting = None) -> tuple[TreeSettings, dict[str, Any]]:
     """`shape` itself, or the one `--tree auto` predicts fastest for this proposer on this device (autotree.py).
     Returns the tree and what to record with the run about the choice."""
     if shape != "auto":
         return shape, {}
-    ranked, profile = tree_candidates(reg, spec, target, task, data_dir, sampling, allow_pickle, log)
+    ranked, profile = tree_candidates(reg, spec, target, task, data_dir, sampling, allow_pickle, log, draft_vocab)
     best = ranked[0]
     return best.tree, {"tree_choice": "auto", "device_profile": profile.key,
                        "predicted": {"tau": round(best.tau, 4), "verify_ratio": round(best.verify_ratio, 4),

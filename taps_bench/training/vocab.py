@@ -120,9 +120,9 @@ class DraftVocab:
     asked: int | str  # the setting that chose it: N or "auto"
 
     def settings(self) -> dict[str, Any]:
-        """What identifies it in a run's settings: runs with different vocabularies are different runs."""
-        return {"size": int(self.ids.numel()), "coverage": round(self.coverage, 6), "corpus": self.corpus,
-                "asked": self.asked}
+        """What identifies it in a run's settings: runs with different vocabularies are different runs, while `auto`
+        and the N it chose are the same run (so `asked` stays out)."""
+        return {"size": int(self.ids.numel()), "coverage": round(self.coverage, 6), "corpus": self.corpus}
 
 
 def corpus_for(reg: Registry, card: DrafterCard | None) -> tuple[str, int, int]:
