@@ -275,7 +275,8 @@ def main() -> None:
                   TreeSettings(total_tokens=6, depth=5, top_k=1)):
         proposer = EagleProposer(drafter, model, shape, head_dtype=target.card.draft_head_dtype)
         row = step_split(model, proposer, prompts, args.max_new_tokens, target.stop_ids, [r["output"] for r in rows])
-        split.append({"tree": f"{shape.total_tokens}/{shape.depth}/{shape.top_k}", **row})
+        name = " (card)" if shape == target.card.tree else " (card fallback)" if shape == card else ""
+        split.append({"tree": f"{shape.total_tokens}/{shape.depth}/{shape.top_k}{name}", **row})
     print(format_table(split, SPLIT_COLUMNS))
 
 
