@@ -21,6 +21,7 @@ from taps_bench.catalog.registry import Registry
 from taps_bench.decoding.eagle2 import EagleProposer
 from taps_bench.errors import UserError
 from taps_bench.models.drafter import load_drafter, random_drafter
+from taps_bench.models.forward import prefill, prepare
 from taps_bench.training import build
 from taps_bench.training.corpora import Part, conversations, load_corpus, parse_spec
 from taps_bench.training.features import Sequence, encode, extract, load_sequences
@@ -536,6 +537,19 @@ def _qa(tag: str, n: int) -> list[list[dict[str, str]]]:
              {"role": "assistant", "content": f"{tag} answer: {i * i}."}] for i in range(n)]
 
 
+def count_target_forwards(monkeypatch, hook) -> None:
+    """Call `hook()` whenever feature extraction runs the target (through the decoding forward's prefill)."""
+    import taps_bench.training.features as features
+
+    real = features.prefill
+
+    def counted(*args, **kwargs):
+        hook()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "prefill", counted)
+
+
 @pytest.mark.smollm
 def test_a_mixture_takes_the_features_of_its_parts_from_their_caches(smol, tmp_path, monkeypatch):
     """`a:2+b:2` after `a:4`: only b's sequences (and one spot check of a's cache) run through the target, and the
@@ -544,7 +558,7 @@ def test_a_mixture_takes_the_features_of_its_parts_from_their_caches(smol, tmp_p
     model = tiny_target("llama", seed=1, vocab=49152, hidden=32, layers=1, heads=2, kv_heads=1)
     target = smol_target(smol, model=model, tag="mix")
     calls: list[int] = []
-    model.model.register_forward_hook(lambda *_: calls.append(1))
+    count_target_forwards(monkeypatch, lambda: calls.append(1))
     a, b = _qa("alpha", 4), _qa("beta", 3)
     part_a = extract(target, a, "a:4", "hash-a", max_len=64, shard_size=2, show_progress=False)
     assert len(calls) == 4
@@ -571,7 +585,7 @@ def test_a_mixture_takes_the_features_of_its_parts_from_their_caches(smol, tmp_p
     assert json.loads((mixed2 / "manifest.json").read_text())["reused_from"] == {}
     for conv, seq in zip(mixture, load_sequences(mixed2), strict=True):
         with torch.inference_mode():
-            want = other_model.model(input_ids=torch.tensor([encode(other, conv, 64)[0]])).last_hidden_state[0]
+            want = prefill(prepare(other_model), torch.tensor(encode(other, conv, 64)[0]), None)[0]
         assert torch.equal(seq.hidden, want.to(torch.float16))
 
 
@@ -589,7 +603,7 @@ def test_two_processes_extracting_one_corpus_run_the_target_once(smol, tmp_path,
         calls.append(1)
         time.sleep(0.05)
 
-    model.model.register_forward_hook(slow_forward)
+    count_target_forwards(monkeypatch, slow_forward)
     convs = _qa("gamma", 4)
     out: list[Path] = []
     workers = [threading.Thread(target=lambda: out.append(
