@@ -39,7 +39,7 @@ CALIBRATION_TREE = TreeSettings(total_tokens=128, depth=7, top_k=10)
 TOTALS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEPTHS = tuple(range(1, CALIBRATION_TREE.depth + 1))
 TOP_KS = (1, 2, 3, 4, 6, 8, 10)
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: drafting timed in steady state (1: the whole context re-read per call)
 
 
 @dataclass
@@ -114,10 +114,12 @@ def measure_profile(target: Target, make_proposer: Callable[[TreeSettings], Prop
     for top_k in TOP_KS:
         for depth in (lo, hi):
             proposer = make_proposer(TreeSettings(total_tokens=max(TOTALS), depth=depth, top_k=top_k))
+            proposer.reset()
+            proposer.propose(prompt.cpu(), hidden, root)  # the context, once: what a run's prefill step does
 
+            # A steady-state step: the drafter consumes one newly committed token, then drafts its tree.
             def draft(proposer: Proposer = proposer) -> None:
-                proposer.reset()
-                proposer.propose(prompt.cpu(), hidden, root)
+                proposer.propose(prompt[-1:].cpu(), hidden[-1:], root)
 
             calls[(depth, top_k)] = draft
     timed = {}
