@@ -21,6 +21,7 @@ from taps_bench.cli import main
 from taps_bench.errors import UserError
 from taps_bench.measure.submission import check_lossless
 from taps_bench.models.drafter import random_drafter, save_drafter
+from taps_bench.models.targets import _weights_digest
 from taps_bench.results.bundle import FORMAT, VERSION
 from taps_bench.results.store import Store
 
@@ -69,12 +70,13 @@ def include(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     (root / "targets").mkdir()
     (root / "targets" / f"{TARGET}.yaml").write_text(json.dumps({
         "name": TARGET, "description": "a random 2-layer Llama with a byte tokenizer (tests only)", "family": "llama",
-        "source": {"path": str(root / "model")}, "chat_template": CHAT, "tree": {"total_tokens": 4, "depth": 1,
+        "source": {"path": str(root / "model")}, "checkpoint_sha256": _weights_digest(model), "chat_template": CHAT, "tree": {"total_tokens": 4, "depth": 1,
                                                                                   "top_k": 2}}))
     return root
 
@@ -257,19 +259,19 @@ def counts(db: Path) -> tuple[int, int, list[dict[str, Any]]]:
         return len(runs), sum(r["n_samples"] for r in runs), runs
 
 
-def test_import_twice_adds_nothing_the_second_time(capsys, tmp_path, submitted):
+def test_import_twice_adds_nothing_the_second_time(capsys, tmp_path, submitted, include):
     bundle = json.loads(submitted["bundle"].read_text())
     n_samples = sum(len(r["samples"]) for r in bundle["runs"])
     db = tmp_path / "fresh.sqlite"
-    assert main(["import", str(submitted["bundle"]), "--db", str(db)]) == 0
-    assert f"runs 8 new, 0 already there; samples {n_samples} added, 0 already present" in capsys.readouterr().out
+    assert main(["--include", str(include), "import", str(submitted["bundle"]), "--db", str(db)]) == 0
+    assert f"1 new (8 runs, {n_samples} samples), 0 already there" in capsys.readouterr().out
     n_runs, stored, runs = counts(db)
     assert (n_runs, stored) == (8, n_samples)
     spec = [r for r in runs if r["kind"] == "speculative"]
     assert all(r["provenance"]["drafter_card"] == CARD for r in spec)
 
-    assert main(["import", str(submitted["bundle"]), "--db", str(db)]) == 0
-    assert f"runs 0 new, 8 already there; samples 0 added, {n_samples} already present" in capsys.readouterr().out
+    assert main(["--include", str(include), "import", str(submitted["bundle"]), "--db", str(db)]) == 0
+    assert "0 new (0 runs, 0 samples), 1 already there" in capsys.readouterr().out
     again = counts(db)
     assert again[:2] == (8, n_samples)
     assert again[2] == runs  # provenance untouched: an identical import is not a "later session"
@@ -314,18 +316,18 @@ _DELETE = object()
     (_set(("runs", 0, "samples", 0, "output_ids"), _DELETE), "runs[0].samples[0]: sample is missing required fields"),
     (_set(("runs", 0, "samples", 0, "output_ids"), [1, 2, 3]), "output_hash does not match output_ids"),
 ])
-def test_corrupt_bundle_is_rejected_and_the_db_untouched(capsys, tmp_path, submitted, corrupt, says):
+def test_corrupt_bundle_is_rejected_and_the_db_untouched(capsys, tmp_path, submitted, include, corrupt, says):
     db = tmp_path / "kept.sqlite"
-    assert main(["import", str(submitted["bundle"]), "--db", str(db)]) == 0
+    assert main(["--include", str(include), "import", str(submitted["bundle"]), "--db", str(db)]) == 0
     capsys.readouterr()
     before, data = counts(db), db.read_bytes()
     bad = tmp_path / "bad.bundle.json"
     bad.write_text(corrupt(json.loads(submitted["bundle"].read_text())))
 
-    line = fails(capsys, "import", bad, "--db", db)
+    line = fails(capsys, "--include", include, "import", bad, "--db", db)
     assert f"bundle {bad}" in line and says in line, line
     assert db.read_bytes() == data and counts(db) == before
 
     fresh = tmp_path / "fresh.sqlite"  # a good bundle before a bad one: nothing at all is written
-    fails(capsys, "import", submitted["bundle"], bad, "--db", fresh)
+    fails(capsys, "--include", include, "import", submitted["bundle"], bad, "--db", fresh)
     assert not fresh.exists()

@@ -1,4 +1,4 @@
-"""`submit`: check a drafter submission, smoke-test it and write its result bundle."""
+"""`submit`, `import` and `verify`: a drafter submission from the contributor's bundle to the maintainer's board."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from taps_bench.cli.app import Context, cli, quiet_libraries
-from taps_bench.cli.options import Machine, machine_options
+from taps_bench.cli.options import Machine, db_option, db_url, machine_options
 
 
 @cli.command()
@@ -33,3 +33,17 @@ def submit(obj: Context, card: str, out: str | None, limit: int, max_new_tokens:
     if machine.json:
         click.echo(json.dumps({"name": result.card.name, "target": result.card.target, "bundle": str(result.path),
                                "tasks": result.rows}))
+
+
+@cli.command("import")
+@click.argument("bundles", nargs=-1, required=True, metavar="BUNDLE...")
+@db_option
+@click.pass_obj
+def import_cmd(obj: Context, bundles: tuple[str, ...], db: str | None) -> None:
+    """Check result bundles (from `taps-bench submit`) as claims and store each as a submission; a bundle that fails
+    any check is refused whole, and importing one twice adds nothing."""
+    from taps_bench.measure.imports import import_bundles
+
+    c, shown = import_bundles([Path(b) for b in bundles], db_url(db), obj.registry)
+    click.echo(f"imported {c.bundles} bundle(s) into {shown}: {c.new} new ({c.runs} runs, {c.samples} samples), "
+               f"{c.present} already there; run `taps-bench verify BUNDLE` before publishing")

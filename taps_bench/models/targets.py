@@ -207,6 +207,10 @@ def load_target(card: TargetCard, device: str | None = None, dtype: str | None =
     else:
         model, tokenizer, _ = _load_plain(card.source, dt)
         checkpoint, digest = card.source.describe(), _weights_digest(model)
+    if card.checkpoint_sha256 and digest != card.checkpoint_sha256:
+        raise UserError(f"target {card.name}: the checkpoint {card.source.describe()} has sha256 {digest[:16]}..., "
+                        f"but the card declares {card.checkpoint_sha256[:16]}...; fix `checkpoint_sha256` in the "
+                        "card or the checkpoint it names")
     if card.tokenizer:
         tokenizer = load_tokenizer(card)
     if card.chat_template:
@@ -222,5 +226,7 @@ def _weights_digest(model: Any) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+        # Rounded to bfloat16 first, so a float32 and a bfloat16 load of one checkpoint give the same fingerprint
+        # (a card's `checkpoint_sha256` then holds on CPU and GPU alike).
+        digest.update(flat[:: max(1, flat.numel() // 64)].to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()

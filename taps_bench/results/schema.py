@@ -32,8 +32,11 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def run_key(kind: str, target: str, task: str, proposer: str, temperature: float, settings: dict[str, Any]) -> str:
-    """The identity key of a run (sha256 hex of the canonical JSON of its identity fields)."""
+def run_key(kind: str, target: str, task: str, proposer: str, temperature: float, settings: dict[str, Any],
+            submission: str | None = None) -> str:
+    """The identity key of a run (sha256 hex of the canonical JSON of its identity fields). `submission`: the
+    sha256 of the bundle an imported run came from, so that it can never be the same run as one measured here or
+    in another bundle."""
     identity = {
         "kind": kind,
         "target": target,
@@ -42,7 +45,7 @@ def run_key(kind: str, target: str, task: str, proposer: str, temperature: float
         # float() so that temperature 0 and 0.0 are the same run.
         "temperature": float(temperature),
         "settings": settings,
-    }
+    } | ({"submission": submission} if submission is not None else {})
     return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
 
 
@@ -64,6 +67,22 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class Submission(Base):
+    """One imported result bundle: who submitted which drafter, the bundle's sha256, and the maintainer's
+    verification of it (`taps-bench verify`; None until then). Its runs (`Run.submission_id`) belong to it alone."""
+
+    __tablename__ = "submissions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bundle_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    target: Mapped[str] = mapped_column(String(255))
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
+    verification: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+
+
 class Run(Base):
     __tablename__ = "runs"
 
@@ -76,6 +95,8 @@ class Run(Base):
     temperature: Mapped[float] = mapped_column(Float)
     settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # None: measured here. Else the imported bundle it came from; such a run never takes samples from elsewhere.
+    submission_id: Mapped[int | None] = mapped_column(ForeignKey("submissions.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow, onupdate=_utcnow)
 
@@ -137,11 +158,24 @@ CELL_STATUSES = ("done", "failed")
 RUN_COLUMNS: tuple[str, ...] = tuple(c.key for c in Run.__table__.columns)
 SAMPLE_COLUMNS: tuple[str, ...] = tuple(c.key for c in Sample.__table__.columns)
 CELL_COLUMNS: tuple[str, ...] = tuple(c.key for c in Cell.__table__.columns)
+SUBMISSION_COLUMNS: tuple[str, ...] = tuple(c.key for c in Submission.__table__.columns)
 
 # What a caller must give `add_sample`; everything else has a default (see `normalise_sample`).
 _REQUIRED_SAMPLE_KEYS = ("example_id", "turn", "output_ids", "steps", "total_s", "stop_reason")
 # Filled in by the store, not by the caller.
 STORE_OWNED = ("id", "run_id", "created_at")
+
+
+def check_tables(conn: Any, where: str) -> None:
+    """Every table of the schema is there: a database whose revision says head but lacks one was damaged by hand."""
+    from sqlalchemy import inspect
+
+    from taps_bench.errors import UserError
+
+    missing = sorted(set(Base.metadata.tables) - set(inspect(conn).get_table_names()))
+    if missing:
+        raise UserError(f"the database {where} is damaged: its table `{missing[0]}` is missing; restore it from a "
+                        "backup, or pass --db with another path")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -156,7 +190,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def to_dict(obj: Base, columns: Sequence[str]) -> dict[str, Any]:
     out = {name: getattr(obj, name) for name in columns}
-    for name in ("created_at", "updated_at"):
+    for name in ("created_at", "updated_at", "imported_at"):
         if name in out:
             out[name] = _iso(out[name])
     return out

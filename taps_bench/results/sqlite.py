@@ -63,3 +63,12 @@ def sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+
+
+def sqlite_on_connect_readonly(dbapi_connection: Any, _record: Any) -> None:
+    # A read-only connection may neither switch journal modes nor need to: it reads whatever mode the file is in.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=30000")
+    finally:
+        cursor.close()

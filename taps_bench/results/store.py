@@ -63,11 +63,17 @@ from taps_bench.results.schema import (
     Run,
     Sample,
     canonical_json,
+    check_tables,
     normalise_sample,
     run_key,
     to_dict,
 )
-from taps_bench.results.sqlite import prepare_sqlite_path, sqlite_file, sqlite_on_connect
+from taps_bench.results.sqlite import (
+    prepare_sqlite_path,
+    sqlite_file,
+    sqlite_on_connect,
+    sqlite_on_connect_readonly,
+)
 
 # The `meta.schema_version` row that releases from before migrations check (they refuse any other value). Schema
 # changes are Alembic revisions now; a revision raises this only when those releases can no longer use the tables.
@@ -92,13 +98,22 @@ def as_url(db: str) -> str:
 class Store:
     """The results database. `Store(url)` opens (and if needed creates) it; any SQLAlchemy URL is accepted."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, readonly: bool = False) -> None:
+        """`readonly`: for commands that only read (show, export, leaderboard build): the database must exist
+        (nothing is created at a mistyped path), is opened read-only (so a read-only file works) and is never
+        migrated."""
         try:
             parsed = make_url(url)
         except (ArgumentError, ValueError) as exc:
             raise UserError(f"cannot parse the database URL {url!r}: {exc}; pass --db with a path or URL") from exc
         self.path = sqlite_file(parsed)
-        if self.path is not None:
+        self.readonly = readonly
+        if self.path is not None and readonly:
+            if not self.path.is_file():
+                raise UserError(f"no database at {self.path}: this command only reads; pass --db with the path of "
+                                "an existing results database (`taps-bench run` or `import` create one)")
+            parsed = parsed.set(database=f"file:{self.path.resolve()}?mode=ro", query={"uri": "true"})
+        elif self.path is not None:
             prepare_sqlite_path(self.path)
             parsed = parsed.set(database=str(self.path))
         self.url = parsed
@@ -110,7 +125,7 @@ class Store:
         except ImportError as exc:
             raise UserError(f"cannot use the database URL {shown}: its driver is not installed ({exc})") from exc
         if parsed.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", sqlite_on_connect)
+            event.listen(self.engine, "connect", sqlite_on_connect_readonly if readonly else sqlite_on_connect)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         where = str(self.path) if self.path is not None else shown
         try:
@@ -131,6 +146,8 @@ class Store:
     @property
     def shown(self) -> str:
         """The database's URL as a user may see it (printed, stored in a site): any password hidden."""
+        if self.path is not None:
+            return f"sqlite:///{self.path}"
         return str(self.url.render_as_string(hide_password=True))
 
     def __enter__(self) -> Store:
@@ -148,15 +165,27 @@ class Store:
         # Nearly every open finds the database at head: look without the lock first, so that opening never waits
         # for another process's write transaction when there is nothing to migrate.
         with self.engine.connect() as conn:
-            if migrations.current(conn, where) == (migrations.head(),):
+            revisions = migrations.current(conn, where)
+            if revisions == (migrations.head(),):
                 self._check_schema_version(conn)
+                check_tables(conn, where)
                 return
+            if self.readonly:
+                found = ", ".join(revisions) or "none"
+                raise UserError(f"the database {where} is at an older schema revision ({found}) and this command "
+                                "only reads; run `taps-bench import` or `run` on it once to upgrade it, or pass --db "
+                                "with another path")
         with migrations.exclusive(self.engine) as conn:
             # Again under the lock: a process that opened the database at the same time may have migrated it.
             revisions = migrations.current(conn, where)
             self._check_schema_version(conn)
             if revisions != (migrations.head(),):
                 migrations.upgrade(conn, revisions)
+            check_tables(conn, where)
+
+    def session(self) -> Any:
+        """A new ORM session (for `results.submissions`, which keeps its transactions next to the store's)."""
+        return self._session()
 
     def _check_schema_version(self, conn: Connection) -> None:
         # Before migrating, so that a database some future release marked as unusable for us is left untouched.
