@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import platformdirs
 from filelock import FileLock, Timeout
+
+from taps_bench.errors import UserError
 
 # The installed package (`taps_bench/`): in a wheel the built-in cards sit inside it (`cards/<dir>`), in a source
 # or editable install beside it (`<repo>/<dir>`).
@@ -32,8 +34,14 @@ def write_atomic(path: Path, text: str) -> None:
     """Write PATH.part, then rename it over PATH: a killed process never leaves a half-written file that looks
     complete (and a reader never sees one)."""
     part = path.with_name(path.name + ".part")
-    part.write_text(text, encoding="utf-8")
-    part.replace(path)
+    try:
+        part.write_text(text, encoding="utf-8")
+        part.replace(path)
+    except OSError as exc:  # a missing or read-only directory, a full disk: the user's to fix, so one line
+        with suppress(OSError):
+            part.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; pass a path in an existing, writable "
+                        "directory") from None
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """The leaderboard in a real browser: a site built from a small real matrix run, opened from file:// in headless
 Chromium (Debian's package, driven by Playwright). Checks what a reader sees: the tables' rows, drawn charts,
 working links, a quiet console, sorting, and a hostile drafter name and description shown as text, never run.
+Two submissions of one drafter's runs (one verified, one not) show as rows of their own with their standing.
 The screenshot lands in test-output/leaderboard.png."""
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from conftest import REPO
 from test_matrix import drafters, small_spec
 
 from taps_bench.cli import main
+from taps_bench.results.bundle import run_record
+from taps_bench.results.store import Store, as_url
+from taps_bench.results.submissions import insert, record_verification
 
 pytestmark = [pytest.mark.smollm, pytest.mark.usefixtures("one_thread")]
 
@@ -39,6 +43,26 @@ def chromium() -> str:
     if done.returncode != 0 or not found:
         pytest.skip(f"Chromium could not be installed with apt-get: {done.stderr.strip().splitlines()[-1:]}")
     return found
+
+
+VERIFIED_LABEL, UNVERIFIED_LABEL = "verified (1 prompts re-run)", "unverified"
+
+
+def add_submissions(db: Path, proposer: str) -> None:
+    """Two submissions of `proposer`'s gsm8k runs at T=0 and their baseline, copied from the store: one verified
+    (as `taps-bench verify` records it), one not."""
+    with Store(as_url(str(db))) as store:
+        spec = next(r for r in store.runs() if r["kind"] == "speculative" and r["proposer"] == proposer
+                    and r["task"] == "gsm8k" and r["temperature"] == 0)
+        base = store.baseline_for(spec)
+        assert base is not None
+        records = [run_record(store, r["id"], None) for r in (base, spec)]
+        for i, check in enumerate(({"passed": True, "prompts_rerun": 1}, None)):
+            card = {"name": proposer, "target": spec["target"], "method": "hass", "license": "MIT",
+                    "authors": [f"submitter {i}"], "description": f"submission {i}"}
+            sid = insert(store, f"{i + 1:064x}", card, {"taps_bench": "test"}, records)
+            if check is not None:
+                record_verification(store, sid, check)
 
 
 def as_path(href: str) -> Path:
@@ -65,6 +89,7 @@ def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_
     db, site = tmp_path / "r.db", tmp_path / "site"
     assert main(["--include", str(tiny_smol), "matrix", str(spec), "--db", str(db), "--no-progress",
                  "--data-dir", str(data_dir)]) == 0
+    add_submissions(db, "math-rand")
     assert main(["leaderboard", "build", "--db", str(db), "--out", str(site)]) == 0
 
     page, errors, dialogs = check_site(browser, site, "tiny-smol", 5, "leaderboard.png")
@@ -72,7 +97,8 @@ def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_
     page.goto((site / "index.html").as_uri())
     names = page.locator("section.board[data-target='tiny-smol'] table.leaderboard tbody tr").evaluate_all(
         "rows => rows.map(r => r.getAttribute('data-name'))")
-    assert len(names) == 2 * 5 and EVIL_NAME in names and "math-rand" in names
+    # math-rand: measured at T=0 and T=1, and the two submissions (at T=0)
+    assert len(names) == 2 * 5 + 2 and EVIL_NAME in names and names.count("math-rand") == 2 + 2
     assert any(n.startswith("confidence-step(") for n in names)
     assert any(n.startswith("merged-tree-full(") for n in names)
     assert page.locator("table.leaderboard").first.get_by_text(EVIL_NAME).count() >= 1
@@ -81,7 +107,27 @@ def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_
     page.goto(evil_page.as_uri())
     assert EVIL_DESCRIPTION in page.locator("dd.description").inner_text()
     assert page.title() != "pwned"
+    check_standing(page, site)
     assert errors == [] and dialogs == []
+
+
+def check_standing(page, site: Path) -> None:
+    """The submitted rows carry their standing next to their name, on the board and on their own pages; the row
+    measured here carries none."""
+    page.goto((site / "index.html").as_uri())
+    rows = page.locator("section.board[data-target='tiny-smol'][data-temperature='0.0'] table.leaderboard "
+                        "tbody tr[data-name='math-rand']")
+    labels = [rows.nth(i).locator("span.badge.standing").all_inner_texts() for i in range(rows.count())]
+    assert sorted(labels) == [[], [UNVERIFIED_LABEL], [VERIFIED_LABEL]], labels
+    for label, how in ((VERIFIED_LABEL, "verified"), (UNVERIFIED_LABEL, "unverified")):
+        row = page.locator(f"tr[data-name='math-rand']:has(span.badge.standing.{how})")
+        assert row.count() == 1 and row.locator("td").first.inner_text().startswith("math-rand")
+        assert row.locator("span.badge.standing").is_visible()
+        href = row.locator("td a").first.get_attribute("href")
+        page.goto((site / href).as_uri())
+        assert page.locator("h1 span.badge.standing").inner_text() == label
+        assert page.locator("dd.standing").inner_text() == label
+        page.goto((site / "index.html").as_uri())
 
 
 def check_site(browser, site: Path, target: str, min_rows: int, screenshot: str):

@@ -255,9 +255,11 @@ def test_db_env_var_takes_a_plain_path(capsys: pytest.CaptureFixture[str], monke
     """--db takes 'SQLAlchemy URL or SQLite file' and defaults to $TAPS_BENCH_DB, so the variable should take a
     plain file path too (it is handed to the store unconverted and fails to parse as a URL)."""
     monkeypatch.setenv("TAPS_BENCH_DB", str(tmp_path / "env.sqlite"))
+    rc, _, err = invoke(capsys, "show")  # reading only: the plain path is understood, and nothing is created there
+    assert rc == 2 and f"no database at {tmp_path / 'env.sqlite'}" in err
+    Store(f"sqlite:///{tmp_path / 'env.sqlite'}").close()
     rc, _, err = invoke(capsys, "show")
     assert rc == 0, err
-    assert (tmp_path / "env.sqlite").is_file()
 
 
 def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,6 +388,9 @@ def test_list_with_include(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 
 def test_show_and_export_from_the_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
+    rc, _, err = invoke(capsys, "show", "--db", path)
+    assert rc == 2 and "no database at" in err and not path.exists()  # show reads; it creates nothing
+    Store(f"sqlite:///{path}").close()
     rc, out, _ = invoke(capsys, "show", "--db", path)
     assert rc == 0 and "no runs" in out
     with Store(f"sqlite:///{path}") as store:

@@ -158,9 +158,13 @@ def test_rebuild_replaces_the_site_and_refuses_a_foreign_directory(capsys: pytes
                                                                     site: tuple[Path, Store],
                                                                     tmp_path: Path) -> None:
     root, _ = site
-    (root / "stale.html").write_text("old")
+    (root / "notes.html").write_text("mine")  # the user's own file: no build wrote it, so none deletes it
+    marker = root / ".taps-bench-site"
+    marker.write_text(marker.read_text() + "drafters/gone.html\n")  # a page an earlier build wrote
+    (root / "drafters" / "gone.html").write_text("old")
     rc = main(["leaderboard", "build", "--db", str(tmp_path / "r.db"), "--out", str(root)])
-    assert rc == 0 and not (root / "stale.html").exists() and (root / "index.html").is_file()
+    assert rc == 0 and not (root / "drafters" / "gone.html").exists() and (root / "index.html").is_file()
+    assert (root / "notes.html").read_text() == "mine" and "drafters/gone.html" not in marker.read_text()
     foreign = tmp_path / "my-notes"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")

@@ -76,8 +76,8 @@ def include(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "targets").mkdir()
     (root / "targets" / f"{TARGET}.yaml").write_text(json.dumps({
         "name": TARGET, "description": "a random 2-layer Llama with a byte tokenizer (tests only)", "family": "llama",
-        "source": {"path": str(root / "model")}, "checkpoint_sha256": _weights_digest(model), "chat_template": CHAT, "tree": {"total_tokens": 4, "depth": 1,
-                                                                                  "top_k": 2}}))
+        "source": {"path": str(root / "model")}, "checkpoint_sha256": _weights_digest(model), "chat_template": CHAT,
+        "tree": {"total_tokens": 4, "depth": 1, "top_k": 2}}))
     return root
 
 

@@ -7,9 +7,12 @@ halfway through a run.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from taps_bench.errors import UserError
 
 
 class Card(BaseModel):
@@ -19,6 +22,14 @@ class Card(BaseModel):
     description: str
     # Where the card came from (file path or entry point); filled in by the registry, never by the card itself.
     origin: str = ""
+
+    @field_validator("description")
+    @classmethod
+    def _described(cls, description: str) -> str:
+        # `taps-bench list` shows the first line of every description; an empty one has none.
+        if not description.strip():
+            raise ValueError("must not be empty; write one line saying what this is")
+        return description
 
 
 class ModelSource(BaseModel):
@@ -65,6 +76,29 @@ class TreeSettings(BaseModel):
     depth: int = Field(5, ge=0, le=MAX_TREE_DEPTH)
     top_k: int = Field(10, ge=1, le=MAX_TOP_K)
 
+    @field_validator("top_k")
+    @classmethod
+    def _fits(cls, top_k: int, info: ValidationInfo) -> int:
+        # A field validator (not a model one), so that the error is located at top_k.
+        if (problem := top_k_problem(top_k, info.data.get("total_tokens"))) is not None:
+            raise ValueError(problem)
+        return top_k
+
+    def check_vocab(self, vocab_size: int, target: str) -> None:
+        """Refuse a top-k the target's vocabulary cannot fill: known only once its config is read, so checked then
+        (before any run is stored), not at validation."""
+        if self.top_k > vocab_size:
+            raise UserError(f"tree.top_k {self.top_k}: more than the {vocab_size} tokens of target {target}'s "
+                            f"vocabulary; pass --top-k {vocab_size} or less")
+
+
+def top_k_problem(top_k: int | None, total_tokens: int | None) -> str | None:
+    """Why a top-k does not fit a tree of total_tokens (a node's children are tree tokens), or None."""
+    if top_k is None or total_tokens is None or top_k <= total_tokens:
+        return None
+    return (f"top_k {top_k} is more than total_tokens {total_tokens} (a node's {top_k} children would not fit in the "
+            f"tree); lower top_k to {total_tokens} or less, or raise total_tokens")
+
 
 class TreeOverride(BaseModel):
     """Tree settings that replace a target card's default tree (unset fields keep the card's value)."""
@@ -78,6 +112,12 @@ class TreeOverride(BaseModel):
     # and drafter (measure/autotree.py).
     preset: Literal["auto", "paper"] | None = None
 
+    @model_validator(mode="after")
+    def _fits(self) -> TreeOverride:
+        if (problem := top_k_problem(self.top_k, self.total_tokens)) is not None:
+            raise ValueError(problem)
+        return self
+
     def over(self, base: TreeSettings | Literal["auto"]) -> TreeSettings | Literal["auto"]:
         """The tree to use, or "auto" when it is to be chosen. Explicit sizes over an "auto" card lay over the
         paper's tree (there is no fixed shape to lay them over)."""
@@ -85,13 +125,23 @@ class TreeOverride(BaseModel):
         if self.preset == "auto" or (base == "auto" and not given and self.preset is None):
             return "auto"
         start = TreeSettings() if self.preset == "paper" or base == "auto" else base
-        return TreeSettings(**(start.model_dump() | given))
+        try:
+            return TreeSettings(**(start.model_dump() | given))
+        except ValidationError as exc:  # the override fits on its own but not over this base tree
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "top_k"
+            raise UserError(f"bad tree settings: tree.{where}: {str(err['msg']).removeprefix('Value error, ')} "
+                            f"(the tree was {start.total_tokens}/{start.depth}/{start.top_k} before the "
+                            "override)") from None
 
 
 class TargetCard(Card):
     family: str
     source: ModelSource
     tokenizer: ModelSource | None = None  # defaults to `source`
+    # The sha256 the loaded checkpoint must have (models.targets.load_target checks it): what lets `import` accept
+    # submitted results for this target, because the registry then knows exactly which weights were measured.
+    checkpoint_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     system_prompt: str | None = None  # None: send no system message (the chat template may add its own default)
     chat_template: str | None = None  # Jinja override for tokenizers that ship none (Vicuna)
     chat_template_kwargs: dict[str, object] = Field(default_factory=dict)
@@ -119,6 +169,20 @@ class TaskFields(BaseModel):
     gold: str | None = None
     gold_pattern: str | None = None  # regex with one group applied to the gold field (GSM8K's "#### N")
     group: str | None = None  # field used to stratify `--limit` (MT-Bench category)
+
+    @field_validator("gold_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str | None) -> str | None:
+        # Compiled here so that a bad pattern fails at card load, not at the first row (or as a traceback).
+        if pattern is None:
+            return None
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if compiled.groups < 1:
+            raise ValueError("has no capture group; wrap the part that is the answer in ( ), e.g. '####\\s*(.+)'")
+        return pattern
 
 
 class TaskSource(BaseModel):
@@ -265,6 +329,16 @@ class SubmissionCard(BaseModel):
     links: list[str] = Field(default_factory=list)
     description: str | None = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _visible(cls, value: Any, info: ValidationInfo) -> Any:
+        # Zero-width and bidirectional controls make a name or a credit read differently from what it is (a name
+        # that looks like another's, text shown reversed on the leaderboard).
+        if (char := invisible_char(value)) is not None:
+            raise ValueError(f"contains U+{ord(char):04X} ({unicodedata.name(char, 'a format character')}), an "
+                             "invisible or bidirectional control character; remove it")
+        return value
+
     @field_validator("checkpoint", mode="before")
     @classmethod
     def _drafter_source(cls, source: Any) -> Any:
@@ -293,6 +367,15 @@ class SubmissionCard(BaseModel):
         if bad:
             raise ValueError(f"not an http(s) URL: {bad[0]!r}")
         return links
+
+
+def invisible_char(value: Any) -> str | None:
+    """The first format character (Unicode category Cf: zero-width, bidi controls) in a value read from YAML."""
+    if isinstance(value, str):
+        return next((c for c in value if unicodedata.category(c) == "Cf"), None)
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else \
+        value if isinstance(value, (list, tuple)) else []
+    return next((c for item in items if (c := invisible_char(item)) is not None), None)
 
 
 CARD_TYPES: dict[str, type[Card]] = {

@@ -43,6 +43,18 @@ LEGACY_OPTION_DEFAULTS: dict[str, Any] = {"alpha": 0.5, "granularity": "step", "
 _OWN_FIELDS = ("drafter", "combiner", "drafters", "options")
 
 
+# Longest name or path component a file system takes (NAME_MAX, PATH_MAX on Linux): a drafter name is looked up as a
+# directory first, and a longer one would make that look-up fail with an OSError instead of an answer.
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _usable_name(name: str) -> str:
+    if len(name) > PATH_MAX or any(len(part) > NAME_MAX for part in name.split("/")):
+        raise ValueError(f"name too long ({len(name)} characters, starting {name[:30]!r}); a drafter or combiner "
+                         "is a registered name (see `taps-bench list drafters`) or a checkpoint directory")
+    return name
+
+
 class ProposerSpec(BaseModel):
     """One drafter (`drafter`), or a combiner (`combiner` + `drafters` + its options).
 
@@ -68,6 +80,16 @@ class ProposerSpec(BaseModel):
         out = {k: v for k, v in data.items() if k in _OWN_FIELDS}
         out["options"] = tuple(sorted(given.items()))
         return out
+
+    @field_validator("drafter", "combiner")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        return None if name is None else _usable_name(name)
+
+    @field_validator("drafters")
+    @classmethod
+    def _names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_usable_name(n) for n in names)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ProposerSpec:

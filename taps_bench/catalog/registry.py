@@ -37,7 +37,7 @@ from taps_bench.catalog.cards import (
 )
 from taps_bench.catalog.proposers import CombinerOptions, ProposerSpec
 from taps_bench.catalog.yamlfiles import read_yaml_mapping, validate_yaml
-from taps_bench.errors import UserError, unknown_name
+from taps_bench.errors import UserError, shorten, unknown_name
 from taps_bench.paths import shipped_dir
 
 KINDS = ("target", "drafter", "combiner", "task", "corpus", "recipe")
@@ -151,8 +151,12 @@ class Registry:
         self.cards[kind][card.name] = card
 
     def include(self, directory: Path) -> None:
-        if not directory.is_dir():
-            raise UserError(f"--include {directory}: not a directory")
+        try:
+            found_dir = directory.is_dir()
+        except OSError:  # a name too long for the file system: is_dir() raises instead of answering
+            found_dir = False
+        if not found_dir:
+            raise UserError(f"--include {shorten(str(directory), 200)}: not a directory")
         found = 0
         for kind, sub in CARD_DIRS.items():
             for path in sorted((directory / sub).glob("*.yaml")):

@@ -14,7 +14,7 @@ import click
 
 from taps_bench.cli import catalog, decode, lm_eval, matrix, profile, results, submit, train  # noqa: F401
 from taps_bench.cli.app import cli
-from taps_bench.errors import UserError
+from taps_bench.errors import Interrupted, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"taps-bench: error: {exc}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("taps-bench: interrupted; every finished sample is stored, re-run to resume", err=True)
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt into Abort; a command that cannot resume says so through its cause.
+        said = exc.__cause__ if isinstance(exc.__cause__, Interrupted) else None
+        click.echo(f"taps-bench: {said or 'interrupted; every finished sample is stored, re-run to resume'}",
+                   err=True)
         return 130
     except click.ClickException as exc:
         if debug:

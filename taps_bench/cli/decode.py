@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import click
@@ -77,11 +78,15 @@ def baseline(obj: Context, decoding: Decoding, machine: Machine) -> None:
                                "dtype": loaded.provenance["dtype"], "db": session.store.shown}))
 
 
-def _check(obj: Context, specs: list[ProposerSpec], allow_pickle: bool, build: bool, found: list[Any]) -> Any:
-    """The proposer check `open_session` runs once the target card is known: specs validated, recipes collected."""
+def _check(obj: Context, specs: list[ProposerSpec], allow_pickle: bool, build: bool, found: list[Any],
+           tree: TreeOverride | None = None) -> Any:
+    """The check `open_session` runs once the target card is known: the tree laid over the card's (so that a bad
+    combination fails before anything is printed or opened), specs validated, recipes collected."""
     from taps_bench.measure.resolve import check_proposer
 
     def check(card: Any) -> None:
+        if tree is not None:
+            tree.over(card.tree)
         for spec in specs:
             normalised, recipes = check_proposer(obj.registry, spec, card, allow_pickle, build)
             found.append((normalised, recipes))
@@ -116,7 +121,8 @@ def run(obj: Context, proposer: ProposerSpec | None, tree: TreeOverride, draft_v
     if proposer is None:
         raise UserError("pass either --drafter NAME or --combiner NAME --drafters a,b")
     checked: list[Any] = []
-    session = _open(obj, decoding, machine, check=_check(obj, [proposer], allow_pickle, not no_build, checked))
+    session = _open(obj, decoding, machine, check=_check(obj, [proposer], allow_pickle, not no_build, checked,
+                                                                 tree))
     loaded = _load(session)
     _prepared(obj, session, loaded, checked, machine.progress)
     shape, chosen = auto_tree(obj.registry, checked[0][0], loaded.target, tree_settings(loaded.target, tree),
@@ -181,11 +187,13 @@ def sweep_alpha(obj: Context, drafters: str, alphas: str, tree: TreeOverride, de
     try:
         values = [float(a) for a in alphas.split(",") if a.strip()]
     except ValueError:
-        raise UserError(f"--alphas must be comma-separated numbers (got {alphas})") from None
+        values = [math.nan]
+    if not values or not all(math.isfinite(a) for a in values):  # float() takes "inf" and "nan"
+        raise UserError(f"--alphas must be comma-separated finite numbers in [0, 1] (got {alphas[:60]})")
     names = split_names(drafters)
     specs = [ProposerSpec(combiner="average", drafters=names, alpha=a) for a in values]
     checked: list[Any] = []
-    session = _open(obj, decoding, machine, check=_check(obj, specs, False, True, checked))
+    session = _open(obj, decoding, machine, check=_check(obj, specs, False, True, checked, tree))
     loaded = _load(session)
     _prepared(obj, session, loaded, checked, machine.progress)
     # The averages differ from their parents, but one shape for the whole curve keeps it comparable: chosen for the

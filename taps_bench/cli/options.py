@@ -4,14 +4,16 @@ command takes a few objects, not a few dozen parameters)."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import click
 import yaml
+from pydantic import ValidationError
 
-from taps_bench.catalog.cards import TreeOverride
+from taps_bench.catalog.cards import MAX_TOP_K, MAX_TREE_DEPTH, MAX_TREE_TOKENS, TreeOverride, top_k_problem
 from taps_bench.catalog.proposers import ProposerSpec
 from taps_bench.decoding.sampling import Sampling
 from taps_bench.errors import UserError
@@ -35,6 +37,25 @@ def _collect(name: str, keys: tuple[str, ...], build: Callable[..., Any]) -> Cal
         return wrapper
 
     return decorate
+
+
+class FiniteFloat(click.ParamType):
+    """A float flag that refuses inf and nan: float() takes them, and nothing non-finite is a valid setting (nor
+    may one reach a run's stored settings)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:40]!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; pass an ordinary number such as 0.7", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
 
 
 def db_option(f: Any) -> Any:
@@ -102,8 +123,8 @@ def decoding_options(f: Any) -> Any:
         click.option("--task", required=True, help="Task name (see `taps-bench list tasks`)."),
         click.option("--target", default=None, help="Target name; default: the CPU or GPU default for this machine."),
         click.option("--limit", type=int, default=None, help="Take the first N examples (documented order per task)."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--temperature", type=FINITE, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", type=FINITE, default=1.0, show_default=True),
         click.option("--sample-top-k", type=int, default=0, show_default=True, help="Top-k cut when sampling."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--max-new-tokens", type=int, default=512, show_default=True),
@@ -112,13 +133,27 @@ def decoding_options(f: Any) -> Any:
     return machine_options(f)
 
 
+# Why each bound exists, said with the flag that broke it.
+_TREE_BOUNDS = {"total_tokens": f"1 to {MAX_TREE_TOKENS} (tokens verified in one forward)",
+                "depth": f"0 to {MAX_TREE_DEPTH} (the engine verifies trees of at most {MAX_TREE_DEPTH + 1} levels)",
+                "top_k": f"1 to {MAX_TOP_K} (children per node)"}
+
+
 def _tree(total_tokens: int | None, depth: int | None, top_k: int | None, preset: str | None) -> TreeOverride:
-    try:
-        return TreeOverride(total_tokens=total_tokens, depth=depth, top_k=top_k, preset=preset)
-    except ValueError as exc:
-        err = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "tree"
-        raise UserError(f"bad tree settings: {flag}: {err['msg']}") from None
+    given = {"total_tokens": total_tokens, "depth": depth, "top_k": top_k}
+    for key, value in given.items():  # checked here, flag by flag, so the message names the flag and its value
+        if value is not None and not _in_bounds(key, value):
+            raise UserError(f"bad tree settings: --{key.replace('_', '-')} {value}: must be {_TREE_BOUNDS[key]}")
+    if (problem := top_k_problem(top_k, total_tokens)) is not None:
+        raise UserError(f"bad tree settings: --top-k {top_k}: "
+                        f"{problem.replace('top_k', '--top-k').replace('total_tokens', '--total-tokens')}")
+    return TreeOverride(total_tokens=total_tokens, depth=depth, top_k=top_k, preset=preset)
+
+
+def _in_bounds(key: str, value: int) -> bool:
+    low = 0 if key == "depth" else 1
+    high = {"total_tokens": MAX_TREE_TOKENS, "depth": MAX_TREE_DEPTH, "top_k": MAX_TOP_K}[key]
+    return low <= value <= high
 
 
 def tree_options(f: Any) -> Any:
@@ -161,8 +196,14 @@ def split_names(text: str | None) -> tuple[str, ...]:
 def _option_pair(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--option {text!r}: write KEY=VALUE, e.g. --option granularity=prompt")
-    return key.strip(), yaml.safe_load(value) if value.strip() else value  # "0.3" -> 0.3, "prompt" -> "prompt"
+        raise UserError(f"--option {text[:60]!r}: write KEY=VALUE, e.g. --option granularity=prompt")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else value  # "0.3" -> 0.3, "prompt" -> "prompt"
+    except yaml.YAMLError:
+        parsed = value  # not YAML ("a: b: c"): the combiner's model says whether the text is valid
+    if isinstance(parsed, float) and not math.isfinite(parsed):  # YAML reads .inf and .nan as floats
+        raise UserError(f"--option {key.strip()}={value}: not a finite number; pass an ordinary number")
+    return key.strip(), parsed
 
 
 def _proposer(drafter: str | None, combiner: str | None, drafters: str | None, alpha: float | None,
@@ -176,8 +217,11 @@ def _proposer(drafter: str | None, combiner: str | None, drafters: str | None, a
                         "--combiner)")
     try:
         return ProposerSpec(drafter=drafter, combiner=combiner, drafters=split_names(drafters), **given)
-    except ValueError as exc:
-        raise UserError(f"bad proposer: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:  # its str() ends with a URL line, not with what is wrong
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"bad proposer: {where + ': ' if where else ''}"
+                        f"{str(err['msg']).removeprefix('Value error, ')}") from None
 
 
 def proposer_options(f: Any) -> Any:
@@ -190,7 +234,7 @@ def proposer_options(f: Any) -> Any:
                      help="Drafter name (resolved for the target) or a checkpoint directory."),
         click.option("--combiner", default=None, help="Combine several drafters (see `taps-bench list combiners`)."),
         click.option("--drafters", default=None, help="Comma-separated drafters for --combiner."),
-        click.option("--alpha", type=float, default=None, help="average: alpha * A + (1 - alpha) * B (default 0.5)."),
+        click.option("--alpha", type=FINITE, default=None, help="average: alpha * A + (1 - alpha) * B (default 0.5)."),
         click.option("--granularity", default=None, help="confidence/entropy routing: step (default) or prompt."),
         click.option("--budget", default=None, help="merged-tree: full (default; each keeps its tree) or equal."),
         click.option("--option", multiple=True, metavar="KEY=VALUE",

@@ -8,7 +8,6 @@ import click
 
 from taps_bench.cli.app import Context, cli
 from taps_bench.cli.options import db_option, db_url
-from taps_bench.errors import UserError
 
 
 @cli.command()
@@ -18,7 +17,8 @@ def show(db: str | None) -> None:
     from taps_bench.results.report import runs_table
     from taps_bench.results.store import Store
 
-    click.echo(runs_table(Store(db_url(db))))
+    with Store(db_url(db), readonly=True) as store:  # a mistyped path is refused, never created
+        click.echo(runs_table(store))
 
 
 @cli.command()
@@ -32,27 +32,12 @@ def export(db: str | None, fmt: str, what: str, out: str | None) -> None:
     from taps_bench.results.report import export as export_text
     from taps_bench.results.store import Store
 
-    text = export_text(Store(db_url(db)), fmt, what)
+    with Store(db_url(db), readonly=True) as store:
+        text = export_text(store, fmt, what)
     if out is None:
         click.echo(text, nl=False)
         return
     write_atomic(Path(out), text)
-
-
-@cli.command("import")
-@click.argument("bundles", nargs=-1, required=True, metavar="BUNDLE...")
-@db_option
-def import_cmd(bundles: tuple[str, ...], db: str | None) -> None:
-    """Merge result bundles (from `taps-bench submit`) into the database; importing twice adds nothing."""
-    from taps_bench.results.bundle import merge_bundles, read_bundle
-    from taps_bench.results.store import Store
-
-    data = [read_bundle(Path(b)) for b in bundles]  # every bundle validated before the database is even opened
-    with Store(db_url(db)) as store:
-        c = merge_bundles(store, data)
-        click.echo(f"imported {c.bundles} bundle(s) into {store.shown}: runs {c.runs_new} new, "
-                   f"{c.runs_existing} already there; samples {c.samples_added} added, {c.samples_present} already "
-                   "present")
 
 
 @cli.group()
@@ -62,19 +47,19 @@ def leaderboard() -> None:
 
 @leaderboard.command("build")
 @db_option
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the site (replaced).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for the site: new, empty, or an earlier site (only the files that build wrote are "
+                   "replaced; others are kept).")
 @click.option("--title", default="taps-bench leaderboard", show_default=True)
 @click.pass_obj
 def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> None:
     """Render every stored run as a self-contained static site (open OUT/index.html, also from file://)."""
     from taps_bench.results.store import Store
+    from taps_bench.site.publish import previous_site
     from taps_bench.site.render import build
 
     target = Path(out).expanduser().resolve()
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {target} is a file; pass a directory (it is replaced by the site)")
-    if target.is_dir() and any(target.iterdir()) and not (target / "index.html").is_file():
-        raise UserError(f"--out {target} is a non-empty directory that is not a leaderboard; pass a new or an "
-                        "earlier leaderboard directory (it is replaced)")
-    result = build(Store(db_url(db)), target, obj.registry, title)
+    previous_site(target)  # refuses a file or somebody else's directory before the database is even opened
+    with Store(db_url(db), readonly=True) as store:
+        result = build(store, target, obj.registry, title)
     click.echo(f"leaderboard: {result['boards']} boards, {result['rows']} rows -> {target / 'index.html'}")

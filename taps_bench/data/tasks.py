@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from taps_bench.catalog.cards import TargetCard, TaskCard, TaskFields
+from taps_bench.catalog.yamlfiles import not_utf8
 from taps_bench.data.chat import render_chat
-from taps_bench.errors import UserError
+from taps_bench.errors import UserError, shorten
 
 DATA_ENV = "TAPS_BENCH_DATA"
 # The placeholder in a card's `prompt` template. It is substituted with str.replace, not str.format, so templates
@@ -47,8 +48,13 @@ def resolve_data_dir(explicit: str | Path | None) -> Path:
             raise UserError(f"no data directory: set {DATA_ENV} or pass --data-dir (the directory that holds "
                             "gsm8k/, math500/, mt_bench/, svamp/ ...)")
     path = Path(raw).expanduser()
-    if not path.is_dir():
-        raise UserError(f"data directory {path} (from {origin}) does not exist or is not a directory")
+    try:
+        found = path.is_dir()
+    except OSError:  # a name too long for the file system (is_dir() raises rather than answer)
+        found = False
+    if not found:
+        raise UserError(f"data directory {shorten(str(path), 200)} (from {origin}) does not exist or is not a "
+                        "directory")
     return path
 
 
@@ -70,8 +76,12 @@ def prompt_hash(text: str) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes, decoded line by line, so that bytes that are not UTF-8 are found by line
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"data file {not_utf8(path, raw, exc, lineno)}") from None
             if not line.strip():
                 continue  # a trailing blank line is not a row
             try:
@@ -85,7 +95,11 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
 
     Decoding element by element (rather than json.load on the whole file) is what lets an error name a line.
     """
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data file {not_utf8(path, data, exc)}") from None
     decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
 

@@ -42,7 +42,14 @@ def decode_cell(spec_json: str, cell_json: str, include: list[str], data_dir: st
     import torch
 
     from taps_bench.decoding.proposer import Autoregressive
-    from taps_bench.measure.runner import Lane, baseline_arm, card_digest, decode_interleaved, run_settings
+    from taps_bench.measure.runner import (
+        Lane,
+        baseline_arm,
+        card_digest,
+        decode_interleaved,
+        proposer_provenance,
+        run_settings,
+    )
 
     # One task per CPU: as many torch threads as CPUs Ray gave this task (its batch-size-1 device).
     cpus = int(float(os.environ.get("TAPS_BENCH_TASK_CPUS", "1")))
@@ -62,7 +69,7 @@ def decode_cell(spec_json: str, cell_json: str, include: list[str], data_dir: st
                     "temperature": arm.sampling.temperature,
                     "settings": run_settings(p.target, card_digest(p.task), p.data_hash, arm)}
         rk = run_key(**identity)
-        yield ("run", rk, identity, p.provenance)
+        yield ("run", rk, identity, p.provenance | proposer_provenance(proposer))
         done = {(k.rsplit("|", 1)[0], int(k.rsplit("|", 1)[1])): {"output_text": text}
                 for k, text in stored.get(rk, {}).items()}
         lanes.append(Lane(proposer, arm, done))

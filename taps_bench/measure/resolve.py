@@ -9,11 +9,14 @@ Two explicit steps, so that nothing trains as a side effect of looking a name up
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from taps_bench.catalog.cards import (
     DrafterCard,
@@ -41,6 +44,15 @@ class ResolvedDrafter:
     checkpoint: str  # where it was read from
     checkpoint_sha256: str
     card: DrafterCard | None
+    own_card: dict[str, Any] | None = None  # a checkpoint directory given directly: the card.yaml found in it
+
+    def provenance(self) -> dict[str, Any]:
+        """What a run of this drafter records beside its identity: the card of a drafter built by a recipe (corpus,
+        steps, losses) or found in a directory given directly, read now, so that the leaderboard shows the card
+        from the store and never reads a path a stored value names. Registry drafters' cards are the registry's."""
+        if self.card is not None and self.checkpoint.startswith("built:"):
+            return {"drafter_card": self.card.model_dump(exclude={"origin"}, mode="json")}
+        return {"drafter_card": self.own_card} if self.own_card is not None else {}
 
 
 def _entry(reg: Registry, name: str, target_name: str) -> tuple[DrafterCard, DrafterForTarget]:
@@ -145,7 +157,18 @@ def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool
     drafter, weights = load_drafter(directory, allow_pickle=allow_pickle)
     check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
     return ResolvedDrafter(name=name if card else Path(name).name, drafter=drafter, checkpoint=where,
-                           checkpoint_sha256=sha256_file(weights), card=card)
+                           checkpoint_sha256=sha256_file(weights), card=card,
+                           own_card=_own_card(directory) if card is None else None)
+
+
+def _own_card(directory: Path) -> dict[str, Any] | None:
+    """The card.yaml of a checkpoint directory given directly, as JSON data, if there is a readable mapping (it only
+    describes the drafter: a broken one leaves the run without a card rather than failing it)."""
+    try:
+        data = yaml.safe_load((directory / "card.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return json.loads(json.dumps(data, default=str)) if isinstance(data, dict) else None
 
 
 def tree_settings(target: Target, override: TreeOverride | None = None) -> TreeSettings | Literal["auto"]:
@@ -237,6 +260,7 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
     if spec.drafter:
         vocab = resolve_draft_vocab(reg, target, draft_vocab, resolved[0].card, data_dir)
         proposer, settings = eagle_proposer(resolved[0], target, tree, vocab)
+        proposer.run_provenance = resolved[0].provenance()  # runner.proposer_provenance: provenance, not identity
         return proposer, resolved[0].name, settings
     options = reg.combiner_options(spec)
     head = target.card.draft_head_dtype

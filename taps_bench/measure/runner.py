@@ -12,6 +12,7 @@ pays for first-call costs (weight packing, allocator growth) the other skipped.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,12 +20,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from taps_bench.catalog.cards import TaskCard
+from taps_bench.catalog.cards import TaskCard, TreeSettings
 from taps_bench.data.scoring import extract_answer, is_correct
 from taps_bench.data.tasks import Example, prompt_hash, render_prompt
 from taps_bench.decoding.engine import generate
 from taps_bench.decoding.proposer import Autoregressive, Proposer
 from taps_bench.decoding.sampling import Sampling
+from taps_bench.errors import UserError
 from taps_bench.models.targets import Target
 from taps_bench.results.samples import sample_record
 from taps_bench.results.store import Store
@@ -92,6 +94,31 @@ class Lane:
         return sum(1 for ex in examples for t in range(len(ex.turns)) if (ex.id, t) not in self.done)
 
 
+def _non_finite(value: Any, where: str) -> str | None:
+    """The key path of the first inf or nan in a settings value, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return next((bad for k, v in items if (bad := _non_finite(v, f"{where}.{k}" if where else str(k)))), None)
+
+
+def check_arm(target: Target, arm: Arm) -> None:
+    """What no front end may store, checked before a run row exists (every front end measures through here): a
+    non-finite setting (JSON has no inf or nan, and such a run can never be found again), or a tree whose top-k
+    the target's vocabulary cannot fill."""
+    settings = {"sampling": asdict(arm.sampling), **arm.settings}
+    if (bad := _non_finite(settings, "")) is not None:
+        raise UserError(f"{bad}: not a finite number; pass an ordinary number")
+    if isinstance(arm.settings.get("tree"), dict):
+        TreeSettings(**arm.settings["tree"]).check_vocab(int(target.model.config.vocab_size), target.name)
+
+
+def proposer_provenance(proposer: Proposer) -> dict[str, Any]:
+    """What a speculative run records about its proposer beside its identity (`measure.resolve` sets it: the card
+    of a drafter built by a recipe), so that the leaderboard reads the card from the store, never from disk."""
+    return dict(getattr(proposer, "run_provenance", None) or {})
+
+
 def open_run(store: Store, target: Target, task: TaskCard, arm: Arm, data_hash: str,
              provenance: dict[str, Any]) -> int:
     """The id of the arm's run in the store (created if new)."""
@@ -107,7 +134,8 @@ def run_arm(store: Store, target: Target, task: TaskCard, examples: list[Example
     `reference`: stored autoregressive samples by (example_id, turn) for the lossless check (see `Lane`).
     `bar`: a progress bar shared with the caller (see `run_lanes`).
     """
-    run_id = open_run(store, target, task, arm, data_hash, provenance)
+    check_arm(target, arm)
+    run_id = open_run(store, target, task, arm, data_hash, provenance | proposer_provenance(proposer))
     lane = Lane(proposer, arm, store.done(run_id), reference)
     run_lanes(store, target, task, examples, [(run_id, lane)], f"{arm.proposer} on {task.name}", show_progress, bar)
     return run_id
@@ -235,8 +263,9 @@ def measure(store: Store, target: Target, task: TaskCard, examples: list[Example
     (module docstring), with the lossless check at temperature 0. Stored samples of either arm are reused; with
     baseline=False the baseline is only read (its stored samples serve the speedup and the lossless check)."""
     base_arm = baseline_arm(arm.sampling, arm.max_new_tokens)
+    check_arm(target, arm)
     base_id = open_run(store, target, task, base_arm, data_hash, provenance)
-    spec_id = open_run(store, target, task, arm, data_hash, provenance)
+    spec_id = open_run(store, target, task, arm, data_hash, provenance | proposer_provenance(proposer))
     base = Lane(Autoregressive(), base_arm, store.done(base_id))
     spec = Lane(proposer, arm, store.done(spec_id), reference=base.done)
     lanes = ([(base_id, base)] if baseline else []) + [(spec_id, spec)]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from taps_bench.catalog.cards import SubmissionCard
 from taps_bench.catalog.registry import Registry
-from taps_bench.errors import UserError
+from taps_bench.errors import Interrupted, UserError
 from taps_bench.results.bundle import FORMAT, VERSION, card_json, read_card, run_record, write_json
 from taps_bench.results.store import Store
 
@@ -48,6 +48,13 @@ def refuse_pickle(directory: Path) -> None:
                         "convert it with safetensors.torch.save_file(torch.load(path), 'model.safetensors')")
 
 
+def refuse_official_name(card: SubmissionCard, card_path: Path, reg: Registry) -> None:
+    """A submission named like a registered drafter or recipe would be credited with (or shadow) its results."""
+    if card.name in reg.cards["drafter"] or card.name in reg.cards["recipe"]:
+        raise UserError(f"submission card {card_path}: name: the name {card.name} belongs to an official drafter; "
+                        "choose another")
+
+
 def check_lossless(task: str, spec: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
     """At temperature 0 speculative decoding must reproduce the autoregressive output token for token."""
     from taps_bench.results.metrics import compare_outputs
@@ -73,6 +80,20 @@ class Submission:
 def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int = 2, max_new_tokens: int = 64,
            data_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
            show_progress: bool = True) -> Submission:
+    """`_submit`, saying on an interrupt what is true of submit (the CLI's default says a re-run resumes)."""
+    try:
+        return _submit(card_path, reg, out, limit, max_new_tokens, data_dir, device, dtype, show_progress)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(f"submit interrupted; nothing was kept and no bundle written (submit always starts from "
+                          f"scratch, its temporary store is removed): re-run `taps-bench submit {card_path}` to "
+                          "start again") from exc
+
+
+def _submit(card_path: Path, reg: Registry, out: Path | None, limit: int, max_new_tokens: int,
+            data_dir: str | Path | None, device: str | None, dtype: str | None,
+            show_progress: bool) -> Submission:
     """Validate a submission and smoke-test it: both arms, T=0, the target's default tree, the first `limit` prompts
     of every task, into a throw-away store; require lossless decoding; write the result bundle.
 
@@ -92,6 +113,7 @@ def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int =
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     card = read_card(card_path)
+    refuse_official_name(card, card_path, reg)
     target_card = reg.target(card.target)
     tasks = [reg.task(name) for name in sorted(reg.cards["task"])]
     directory = resolve_data_dir(data_dir)
@@ -118,7 +140,9 @@ def submit(card_path: Path, reg: Registry, out: Path | None = None, limit: int =
     rows, runs = [], []
     bar = tqdm(total=2 * n, desc=f"submit {card.name}", unit="sample", disable=not show_progress, file=sys.stderr,
                dynamic_ncols=True)
-    with tempfile.TemporaryDirectory(prefix="taps-bench-submit-") as tmp:
+    # The store is throw-away: submit always measures from scratch, and the directory goes with it on any exit,
+    # an interrupt included (only a kill -9 can leave it, in the system's temporary directory).
+    with tempfile.TemporaryDirectory(prefix="taps-bench-submit-", ignore_cleanup_errors=True) as tmp:
         store = Store(f"sqlite:///{Path(tmp) / 'submit.sqlite'}")
         try:
             for task in tasks:

@@ -232,6 +232,16 @@ def _read_state(directory: Path, allow_pickle: bool) -> tuple[dict[str, Tensor],
     raise UserError(f"no model.safetensors or pytorch_model.bin in {directory}")
 
 
+def _check_finite(state: dict[str, Tensor], weights: Path) -> None:
+    """Refuse NaN or infinite weights: such a drafter proposes garbage (or nothing) and its run measures a broken
+    file, not a method."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{weights}: tensor `{key}` holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                            "the checkpoint is broken: re-export it from a healthy training state")
+
+
 def load_drafter(directory: str | Path, allow_pickle: bool = False) -> tuple[Drafter, Path]:
     """Strictly load an EAGLE-format drafter from a local directory. Any missing, unexpected or mis-shaped key is a
     UserError naming the key. Returns the drafter (float32, CPU) and the weights file."""
@@ -267,6 +277,7 @@ def load_drafter(directory: str | Path, allow_pickle: bool = False) -> tuple[Dra
         if tuple(state[key].shape) != shape:
             raise UserError(f"{weights}: key `{key}` has shape {tuple(state[key].shape)}, expected {shape} from "
                             f"{cfg_path.name}")
+    _check_finite(state, weights)
     drafter = Drafter(config, fc_bias=fc_bias, with_embedding=with_embedding)
     drafter.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return drafter.eval(), weights

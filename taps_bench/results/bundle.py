@@ -284,7 +284,7 @@ def check_summary(summary: Any, runs: list[dict[str, Any]]) -> None:
         raise ClaimError("`summary` must be a list of objects")
     spec = {r["task"]: r for r in runs if r["kind"] == "speculative"}
     for row in summary:
-        run = spec.get(row.get("task"))  # type: ignore[arg-type]
+        run = spec.get(row["task"]) if isinstance(row.get("task"), str) else None
         if run is None:
             raise ClaimError(f"summary row for task {row.get('task')!r:.40} has no speculative run")
         want = summarize(run["samples"])["tau"]

@@ -31,6 +31,8 @@ SPEEDUP_SLACK = 2.0
 SPEEDUP_SLACK_UNTIMED = 20.0
 TIMED_S = 0.5
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+DTYPES = ("float32", "bfloat16", "float16")
+HEAD_DTYPES = ("target", "auto", "float32", "bfloat16")
 
 INT_FIELDS = ("turn", "new_tokens", "steps")
 LIST_FIELDS = ("output_ids", "accept_lengths", "drafted_by_depth", "accepted_by_depth", "tree_sizes")
@@ -173,11 +175,45 @@ def check_settings(run: dict[str, Any]) -> None:
     sampling = settings.get("sampling")
     if not isinstance(sampling, dict) or sampling.get("temperature") != temperature:
         raise ClaimError("settings.sampling.temperature must equal the run's temperature")
+    check_sampling(sampling)
+    for name in ("target_checkpoint_sha256", "data_sha256") + (("drafter_sha256",) if run["kind"] == "speculative"
+                                                                else ()):
+        if not isinstance(settings.get(name), str) or not _HEX64.fullmatch(settings[name]):
+            raise ClaimError(f"settings.{name} must be a sha256 hex digest")
+    if settings.get("dtype") not in DTYPES or not isinstance(settings.get("device"), str):
+        raise ClaimError(f"settings.dtype must be one of {', '.join(DTYPES)} and settings.device a string")
+    if run["kind"] == "speculative" and settings.get("draft_head_dtype") not in HEAD_DTYPES:
+        raise ClaimError(f"settings.draft_head_dtype must be one of {', '.join(HEAD_DTYPES)}")
+    check_provenance(run["provenance"])
     if run["kind"] == "speculative":
         tree = settings.get("tree")
         if not (isinstance(tree, dict) and all(is_int(tree.get(k)) and tree[k] >= 1
                                                for k in ("total_tokens", "depth", "top_k"))):
             raise ClaimError("settings.tree must hold positive integers total_tokens, depth and top_k")
+
+
+def check_sampling(sampling: dict[str, Any]) -> None:
+    """The sampling settings as `decoding.sampling.Sampling` takes them (verify rebuilds it from these)."""
+    if set(sampling) != {"temperature", "top_p", "top_k", "seed"}:
+        raise ClaimError("settings.sampling must hold exactly temperature, top_p, top_k and seed")
+    if not (is_number(sampling["top_p"]) and 0 < sampling["top_p"] <= 1 and is_int(sampling["top_k"])
+            and 0 <= sampling["top_k"] < MAX_TOKEN_ID and is_int(sampling["seed"]) and 0 <= sampling["seed"] < 2**63):
+        raise ClaimError("settings.sampling: top_p in (0, 1], top_k and seed non-negative integers")
+
+
+def check_provenance(provenance: dict[str, Any]) -> None:
+    """The provenance fields the leaderboard shows (hardware line, versions) are short strings, threads a count."""
+    for name in ("device", "device_name", "dtype", "platform", "git_commit", "target_checkpoint"):
+        if provenance.get(name) is not None and not (isinstance(provenance[name], str)
+                                                     and len(provenance[name]) <= 500):
+            raise ClaimError(f"provenance.{name} must be a string of at most 500 characters")
+    threads = provenance.get("threads")
+    if threads is not None and not (is_int(threads) and 0 < threads <= 4096):
+        raise ClaimError("provenance.threads must be a positive integer")
+    versions = provenance.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(k, str) and isinstance(v, (str, type(None)))
+                                                 and len(k) + len(v or "") <= 200 for k, v in versions.items()):
+        raise ClaimError("provenance.versions must map package names to version strings")
 
 
 def check_run(run: dict[str, Any]) -> None:

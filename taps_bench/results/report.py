@@ -137,6 +137,18 @@ def _flat_sample(sample: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs as a formula (OWASP's CSV injection rule): text starting with = + - @, a
+    tab or a carriage return gets a leading single quote. Numbers stay numbers, negative ones too: only text can
+    carry a formula, and stored names and settings come from anybody's bundle."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _to_csv(rows: Iterable[dict[str, Any]]) -> str:
     rows = list(rows)
     # Union of the keys in first-seen order: runs with different settings have different columns.
@@ -147,7 +159,7 @@ def _to_csv(rows: Iterable[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(fields), restval="", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: "" if v is None else spreadsheet_safe(v) for k, v in row.items()})
     return buf.getvalue()
 
 

@@ -72,3 +72,15 @@ def sqlite_on_connect_readonly(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
     finally:
         cursor.close()
+
+
+def readonly_mode(path: Path) -> str:
+    """URI parameters to read `path` without writing anything. `mode=ro` still creates the -wal/-shm files of a WAL
+    database, which fails where the directory is read-only; there, with no -wal left (so no writer can be mid-way:
+    nobody can write beside the file), `immutable=1` reads the file as it is."""
+    wal = path.with_name(path.name + "-wal")
+    # The mode bits too: root passes os.access everywhere, but a directory nobody may write is read-only to all.
+    locked = not os.access(path.parent, os.W_OK | os.X_OK) or not path.parent.stat().st_mode & 0o222
+    if locked and not wal.exists():
+        return "mode=ro&immutable=1"
+    return "mode=ro"

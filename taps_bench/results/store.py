@@ -70,6 +70,7 @@ from taps_bench.results.schema import (
 )
 from taps_bench.results.sqlite import (
     prepare_sqlite_path,
+    readonly_mode,
     sqlite_file,
     sqlite_on_connect,
     sqlite_on_connect_readonly,
@@ -112,7 +113,8 @@ class Store:
             if not self.path.is_file():
                 raise UserError(f"no database at {self.path}: this command only reads; pass --db with the path of "
                                 "an existing results database (`taps-bench run` or `import` create one)")
-            parsed = parsed.set(database=f"file:{self.path.resolve()}?mode=ro", query={"uri": "true"})
+            parsed = parsed.set(database=f"file:{self.path.resolve()}?{readonly_mode(self.path)}",
+                                query={"uri": "true"})
         elif self.path is not None:
             prepare_sqlite_path(self.path)
             parsed = parsed.set(database=str(self.path))

@@ -7,155 +7,31 @@ task (repeats, or a later larger --limit) are pooled, each paired with its own a
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, model_validator
 
-from taps_bench.paths import shipped_dir
 from taps_bench.results.metrics import acceptance_by_depth, summarize
 from taps_bench.results.oracle import oracle_samples
 from taps_bench.results.pairing import BASELINE_KEYS
 from taps_bench.results.schema import canonical_json
 from taps_bench.results.store import Store
+from taps_bench.results.submissions import submissions, verified_label
 from taps_bench.results.summaries import summarize_pair
-
-# -- the schema --------------------------------------------------------------------------------------------------
-
-KINDS = ("drafter", "combiner", "oracle", "published")  # the rows collect() makes; the schema says how each is treated
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field in the schema is an error, not a silent default
-
-
-class Pool(Strict):  # how a metric is computed over every task of a row at once (the `task: all` columns)
-    over: Literal["samples"] | None = None  # once over every sample of every task, as if they were one task
-    weighted_by: str | None = None  # or: the per-task values' mean, weighted by this counter of each task's summary
-
-    @model_validator(mode="after")
-    def _one_way(self) -> Pool:
-        if (self.over is None) == (self.weighted_by is None):
-            raise ValueError("a pool is either `over: samples` or `weighted_by: <summary counter>`")
-        return self
-
-
-class Metric(Strict):
-    label: str
-    compute: str  # a key of metrics.summarize's result, or "speedup"
-    better: Literal["higher", "lower", "none"]
-    digits: int = 2
-    percent: bool = False
-    suffix: str = ""
-    pool: Pool | None = None  # None: not shown on `task: all` columns
-    mark_best: bool = True  # only where `better` is higher or lower
-    definition: str
-
-    def format(self, value: float | None) -> str:
-        if value is None:
-            return "–"
-        if self.percent:
-            return f"{100 * value:.{self.digits}f}%"
-        return f"{value:.{self.digits}f}{self.suffix}"
-
-
-class Task(Strict):
-    id: str
-    label: str
-
-
-class Column(Strict):
-    id: str
-    label: str
-    metric: str
-    task: str | None = None  # a task id, or "all" (every task pooled)
-    mean_of: list[str] = []  # or: the mean of these columns (None unless all are present)
-
-
-class OtherTasks(Strict):  # tasks in the store that the schema does not declare: a column of `metric` each
-    metric: str
-    exclude: list[str] = []  # shell-style patterns of tasks no board shows
-
-    def excluded(self, task: str) -> bool:
-        return any(fnmatch.fnmatchcase(task, pattern) for pattern in self.exclude)
-
-
-class RowKind(Strict):
-    ranked: bool  # whether its values compete for the best marks
-    pooled: list[str] | None = None  # metrics shown on `task: all` columns (None: all); published rows show none
-
-
-class Rows(Strict):
-    keep: list[str]  # settings shared with the baseline that still tell rows apart
-    kinds: dict[str, RowKind]
-
-
-class Ranking(Strict):
-    mark_all_equal: bool  # whether a column where every ranked row holds the same value marks them all
-
-
-class Schema(Strict):
-    metrics: dict[str, Metric]
-    tasks: list[Task]
-    other_tasks: OtherTasks
-    rows: Rows
-    ranking: Ranking
-    columns: list[Column]
-    detail_columns: list[str]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Schema:
-        # A typo in the schema would otherwise show up as a silently empty column (or a KeyError mid-build).
-        tasks, seen = {t.id for t in self.tasks}, set()
-        for col in self.columns:
-            if col.metric not in self.metrics:
-                raise ValueError(f"schema column {col.id}: unknown metric {col.metric}")
-            if col.task is not None and col.task != "all" and col.task not in tasks:
-                raise ValueError(f"schema column {col.id}: unknown task {col.task}")
-            if bool(col.mean_of) == (col.task is not None) or not set(col.mean_of) <= seen:
-                raise ValueError(f"schema column {col.id}: needs a task or the mean of earlier columns")
-            seen.add(col.id)
-        if set(self.rows.kinds) != set(KINDS):
-            raise ValueError(f"schema rows.kinds: must declare exactly {', '.join(KINDS)}")
-        named = [*self.detail_columns, self.other_tasks.metric, *(m for k in self.rows.kinds.values()
-                                                                   for m in k.pooled or [])]
-        if unknown := sorted(set(named) - set(self.metrics)):
-            raise ValueError(f"schema: unknown metrics {', '.join(unknown)}")
-        return self
-
-    def shows_pooled(self, kind: str, metric: str) -> bool:
-        """Whether rows of this kind show this metric on the `task: all` columns (where the metric has a pool)."""
-        shown = self.rows.kinds[kind].pooled
-        return shown is None or metric in shown
-
-    def columns_for(self, tasks: set[str]) -> tuple[list[Column], list[Task]]:
-        """A board's columns and charts' tasks: the declared ones, plus one per undeclared task of its rows."""
-        declared = [t.id for t in self.tasks]
-        others = sorted(t for t in tasks if t not in declared and not self.other_tasks.excluded(t))
-        taken, extra = {c.id for c in self.columns}, []
-        for task in others:
-            cid = f"{self.other_tasks.metric}_{task}"
-            while cid in taken:  # a task named like a column (e.g. "avg"): its values must not overwrite that one's
-                cid += "_"
-            taken.add(cid)
-            extra.append(Column(id=cid, label=task, metric=self.other_tasks.metric, task=task))
-        at = max((i + 1 for i, c in enumerate(self.columns) if c.task in declared), default=0)
-        return self.columns[:at] + extra + self.columns[at:], self.tasks + [Task(id=t, label=t) for t in others]
-
-
-def data_dir() -> Path:
-    return shipped_dir("leaderboard")
-
-
-def load_schema(path: Path | None = None) -> Schema:
-    """The shipped schema, or the one at `path` (validated either way)."""
-    return Schema.model_validate(yaml.safe_load((path or data_dir() / "schema.yaml").read_text()))
+from taps_bench.site.schema import (  # noqa: F401  (re-exported: callers import the schema from here)
+    KINDS,
+    Column,
+    Metric,
+    Schema,
+    Task,
+    data_dir,
+    load_schema,
+)
 
 
 def row_identity(schema: Schema, settings: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +70,14 @@ class Row:
     slower: bool = False  # a speedup column's whole interval lies below 1.0 (summaries.slower_than_plain)
     slug: str = ""
     note: str = ""
+    submission: dict[str, Any] | None = None  # the submissions-table row that owns the row's runs; None: measured here
+    standing: str = "measured"  # results.submissions.verified_label of `submission`
+
+    @property
+    def ranked_standing(self) -> bool:
+        """Whether the row may win a best mark: measured here or verified; a claim nobody re-ran competes with
+        nothing."""
+        return self.standing == "measured" or self.standing.startswith("verified")
 
 
 @dataclass
@@ -223,16 +107,37 @@ def _rekey(samples: list[dict[str, Any]], run_id: int) -> list[dict[str, Any]]:
     return [{**s, "example_id": f"{run_id}:{s['example_id']}"} for s in samples]
 
 
+def _number(value: Any) -> float | None:
+    """A finite real number from stored data, else None (a bool, a string or a NaN is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _nodes(sample: Any) -> list[tuple[str, float, float, float]]:
+    """A sample's `extra.nodes` as (key, n, confidence, entropy); malformed entries (stored data comes from bundles
+    too) are left out rather than allowed to stop a build."""
+    extra = sample.get("extra") if isinstance(sample, dict) else None
+    nodes = extra.get("nodes") if isinstance(extra, dict) else None
+    out = []
+    for key, v in (nodes.items() if isinstance(nodes, dict) else ()):
+        n, c, e = (_number(v.get(f)) if isinstance(v, dict) else None for f in ("n", "confidence", "entropy"))
+        if isinstance(key, str) and n is not None and n > 0 and c is not None and e is not None:
+            out.append((key, n, c, e))
+    return out
+
+
 def pool_nodes(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Confidence/entropy of accepted vs rejected draft tokens, pooled over samples (weighted by token counts)."""
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for s in samples:
-        for key, v in ((s.get("extra") or {}).get("nodes") or {}).items():
+        for key, n, c, e in _nodes(s):
             acc = sums[key]
-            acc[0] += v["n"]
-            acc[1] += v["n"] * v["confidence"]
-            acc[2] += v["n"] * v["entropy"]
-    return {k: {"n": n, "confidence": c / n, "entropy": e / n} for k, (n, c, e) in sorted(sums.items()) if n}
+            acc[0] += n
+            acc[1] += n * c
+            acc[2] += n * e
+    pooled = {k: {"n": n, "confidence": c / n, "entropy": e / n} for k, (n, c, e) in sorted(sums.items()) if n}
+    return {k: v for k, v in pooled.items() if all(math.isfinite(x) for x in v.values())}  # sums may overflow
 
 
 def _task_result(pairs: list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]],
@@ -251,17 +156,25 @@ def collect(store: Store, schema: Schema | None = None) -> list[Board]:
     groups: dict[tuple[str, float], dict[tuple[str, str], dict[str, list]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
     info: dict[tuple[str, float, str, str], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    subs = {s["id"]: s for s in submissions(store)}
     for run in store.runs():
         # Excluded tasks (e.g. lm-eval:<task>) stay in the database and its exports, but on no board.
         if run["kind"] != "speculative" or run["n_samples"] == 0 or schema.other_tasks.excluded(run["task"]):
             continue
+        if not isinstance(run["settings"], dict):  # stored by hand or by a bundle: nothing to pair or show it by
+            continue
+        sid = run.get("submission_id")
+        if sid is not None and not schema.rows.show_unverified and not _verified(subs.get(sid)):
+            continue
         base = store.baseline_for(run)
         identity = row_identity(schema, run["settings"])
-        key = canonical_json(identity)
+        # A submitted run is a claim of its submission: it never pools with runs measured here or in another one.
+        key = canonical_json([identity, sid])
         board = (run["target"], run["temperature"])
         groups[board][(run["proposer"], key)][run["task"]].append(
             (run, store.samples(run["id"]), store.samples(base["id"]) if base else []))
-        info.setdefault((*board, run["proposer"], key), (identity, []))[1].append(run["provenance"])
+        prov = run["provenance"] if isinstance(run["provenance"], dict) else {}
+        info.setdefault((*board, run["proposer"], key), (identity, []))[1].append(prov)
     published = _published(schema)
     boards = []
     for (target, temperature), rows_by_key in sorted(groups.items()):
@@ -271,13 +184,18 @@ def collect(store: Store, schema: Schema | None = None) -> list[Board]:
             settings, provs = info[(target, temperature, proposer, key)]
             row = Row(name=proposer, kind="combiner" if "combiner" in settings else "drafter", settings=settings,
                       provenance=provs, tasks={t: _task_result(p, temperature == 0) for t, p in per_task.items()})
+            sid = next(p for p in per_task.values())[0][0].get("submission_id")
+            if sid is not None:
+                row.submission = subs.get(sid) or {"id": sid}
+                row.standing = verified_label(_readable(row.submission))
             if labels[proposer] > 1:  # one proposer under several settings: say which is which
                 row.note = settings_line(settings)
             rows.append(row)
         rows += _oracle_rows(rows, rows_by_key, temperature)
         columns, tasks = schema.columns_for({t for r in rows for t in r.tasks})
         for row in rows:
-            row.slug = slugify(f"{target}|{temperature}|{row.name}|{row.note}")
+            owner = f"|submission {row.submission.get('id')}" if row.submission is not None else ""
+            row.slug = slugify(f"{target}|{temperature}|{row.name}|{row.note}{owner}")
             row.values = _values(schema, columns, row, temperature == 0)
         provs = [p for r in rows for p in r.provenance]
         hardware = sorted({f"{p.get('device_name', p.get('device', '?'))}, {p.get('threads', '?')} threads, "
@@ -295,9 +213,20 @@ def collect(store: Store, schema: Schema | None = None) -> list[Board]:
     return boards
 
 
+def _readable(submission: dict[str, Any]) -> dict[str, Any]:
+    """The submission with a verification that `verified_label` can read (a malformed one reads as none)."""
+    check = submission.get("verification")
+    return {**submission, "verification": check if isinstance(check, dict) else None}
+
+
+def _verified(submission: dict[str, Any] | None) -> bool:
+    return submission is not None and verified_label(_readable(submission)).startswith("verified")
+
+
 def settings_line(settings: dict[str, Any]) -> str:
-    tree = settings.get("tree") or {}
-    parts = [f"tree {tree.get('total_tokens')}/{tree.get('depth')}/{tree.get('top_k')}"] if tree else []
+    tree = settings.get("tree")
+    parts = [f"tree {tree.get('total_tokens')}/{tree.get('depth')}/{tree.get('top_k')}"] if isinstance(tree, dict) \
+        and tree else []
     parts.append(f"max {settings.get('max_new_tokens')} new tokens")
     if settings.get("budget"):
         parts.append(f"budget {settings['budget']}")
@@ -306,10 +235,10 @@ def settings_line(settings: dict[str, Any]) -> str:
 
 def _oracle_rows(rows: list[Row], rows_by_key: dict, temperature: float) -> list[Row]:
     """Per question, the best single drafter (analysis only: it needs the answer to choose), over the single
-    drafters that share tree and length settings."""
+    drafters measured here that share tree and length settings (a submission's prompts are its own)."""
     singles: dict[str, list[tuple[Row, dict[str, list]]]] = defaultdict(list)
     for row, per_task in zip(rows, rows_by_key.values(), strict=True):
-        if row.kind == "drafter":
+        if row.kind == "drafter" and row.submission is None:
             shared = {k: row.settings.get(k) for k in ("tree", "max_new_tokens", "draft_head_dtype")}
             singles[canonical_json(shared)].append((row, per_task))
     out = []

@@ -7,12 +7,33 @@ colour-blind-safe palette (Okabe-Ito) so that the same drafter keeps its colour 
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
+from typing import Any
 
-from markupsafe import Markup, escape
+from markupsafe import Markup
+from markupsafe import escape as _escape
 
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 FONT = 'font-family="system-ui, sans-serif" font-size="11"'
+
+
+# Directional formatting characters (LRE..RLO, LRI..PDI, the marks): a name holding them could be drawn as another
+# name. SVG text has no <bdi>; each label is its own <text> element, and the characters are dropped from it.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: Any) -> Markup:
+    """Escaped text from data, without the characters that would reorder it."""
+    return _escape(_BIDI.sub("", str(text)))
+
+
+def finite(value: Any) -> float | None:
+    """A number a chart can draw, else None (stored data may hold a NaN, a string or nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def colour(i: int) -> str:
@@ -23,7 +44,7 @@ def _clip(text: str, n: int) -> Markup:
     """Escaped text, cut to n characters (the full text stays readable on hover via <title>)."""
     if len(text) <= n:
         return escape(text)
-    return Markup("{}…<title>{}</title>").format(text[: n - 1], text)
+    return Markup("{}<title>{}</title>").format(escape(text[: n - 1] + "…"), escape(text))
 
 
 def _svg(width: int, height: int, body: list[str], title: str) -> Markup:
@@ -62,7 +83,8 @@ def depth_lines(title: str, series: dict[str, list[float | None]], width: int = 
         body.append(f'<text x="{left + d * step:.1f}" y="{height - 14}" text-anchor="middle">{d + 1}</text>')
     body.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 2}" text-anchor="middle">draft depth</text>')
     for i, (name, values) in enumerate(series.items()):
-        points = [(left + d * step, top + plot_h * (1 - v)) for d, v in enumerate(values) if v is not None]
+        points = [(left + d * step, top + plot_h * (1 - v)) for d, raw in enumerate(values)
+                  if (v := finite(raw)) is not None]
         if not points:
             continue
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
@@ -78,6 +100,7 @@ def heatmap(title: str, rows: Sequence[str], columns: Sequence[str], values: dic
     """A value per (row, column) as a coloured cell with its number (white = `low`, deep blue = the maximum)."""
     cell_w, cell_h, left, top = 78, 24, 210, 36
     width, height = left + cell_w * len(columns) + 10, top + cell_h * len(rows) + 8
+    values = {k: finite(v) for k, v in values.items()}
     present = [v for v in values.values() if v is not None]
     high = max(present, default=low + 1)
     body = [f'<text x="4" y="14" font-weight="600">{escape(title)}</text>']
@@ -114,7 +137,7 @@ def stacked_shares(title: str, bars: dict[str, dict[str, float]], names: Sequenc
         y, x = top + (bar_h + 6) * i, float(left)
         body.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{_clip(label, 18)}</text>')
         for k, name in enumerate(names):
-            share = shares.get(name, 0.0)
+            share = finite(shares.get(name)) or 0.0
             if share <= 0:
                 continue
             w = bar_w * share
@@ -132,7 +155,8 @@ def paired_bars(title: str, groups: dict[str, tuple[float | None, float | None]]
                 labels: tuple[str, str] = ("accepted", "rejected")) -> Markup:
     """Two bars per group (e.g. mean confidence of accepted vs rejected draft tokens, per drafter)."""
     left, bar_h, top, plot_w = 190, 10, 24, 240
-    high = max((v for pair in groups.values() for v in pair if v is not None), default=1.0) or 1.0
+    groups = {g: (finite(a), finite(b)) for g, (a, b) in groups.items()}
+    high = max((abs(v) for pair in groups.values() for v in pair if v is not None), default=1.0) or 1.0
     height = top + 28 * len(groups) + 34
     body = [f'<text x="4" y="14" font-weight="600">{escape(title)}</text>']
     for i, (group, pair) in enumerate(groups.items()):

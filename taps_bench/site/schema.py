@@ -1,0 +1,144 @@
+"""The leaderboard's schema (`leaderboard/schema.yaml`) as validated pydantic models: metrics, tasks, columns,
+row rules and ranking. `site.board` interprets it; a misspelt field or an unknown name is refused when loading."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from taps_bench.paths import shipped_dir
+
+KINDS = ("drafter", "combiner", "oracle", "published")  # the rows collect() makes; the schema says how each is treated
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field in the schema is an error, not a silent default
+
+
+class Pool(Strict):  # how a metric is computed over every task of a row at once (the `task: all` columns)
+    over: Literal["samples"] | None = None  # once over every sample of every task, as if they were one task
+    weighted_by: str | None = None  # or: the per-task values' mean, weighted by this counter of each task's summary
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Pool:
+        if (self.over is None) == (self.weighted_by is None):
+            raise ValueError("a pool is either `over: samples` or `weighted_by: <summary counter>`")
+        return self
+
+
+class Metric(Strict):
+    label: str
+    compute: str  # a key of metrics.summarize's result, or "speedup"
+    better: Literal["higher", "lower", "none"]
+    digits: int = 2
+    percent: bool = False
+    suffix: str = ""
+    pool: Pool | None = None  # None: not shown on `task: all` columns
+    mark_best: bool = True  # only where `better` is higher or lower
+    definition: str
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return "–"
+        if self.percent:
+            return f"{100 * value:.{self.digits}f}%"
+        return f"{value:.{self.digits}f}{self.suffix}"
+
+
+class Task(Strict):
+    id: str
+    label: str
+
+
+class Column(Strict):
+    id: str
+    label: str
+    metric: str
+    task: str | None = None  # a task id, or "all" (every task pooled)
+    mean_of: list[str] = []  # or: the mean of these columns (None unless all are present)
+
+
+class OtherTasks(Strict):  # tasks in the store that the schema does not declare: a column of `metric` each
+    metric: str
+    exclude: list[str] = []  # shell-style patterns of tasks no board shows
+
+    def excluded(self, task: str) -> bool:
+        return any(fnmatch.fnmatchcase(task, pattern) for pattern in self.exclude)
+
+
+class RowKind(Strict):
+    ranked: bool  # whether its values compete for the best marks
+    pooled: list[str] | None = None  # metrics shown on `task: all` columns (None: all); published rows show none
+
+
+class Rows(Strict):
+    keep: list[str]  # settings shared with the baseline that still tell rows apart
+    kinds: dict[str, RowKind]
+    # false: rows of submitted runs show only once `taps-bench verify` passed them (failed ones are hidden too)
+    show_unverified: bool = True
+
+
+class Ranking(Strict):
+    mark_all_equal: bool  # whether a column where every ranked row holds the same value marks them all
+
+
+class Schema(Strict):
+    metrics: dict[str, Metric]
+    tasks: list[Task]
+    other_tasks: OtherTasks
+    rows: Rows
+    ranking: Ranking
+    columns: list[Column]
+    detail_columns: list[str]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Schema:
+        # A typo in the schema would otherwise show up as a silently empty column (or a KeyError mid-build).
+        tasks, seen = {t.id for t in self.tasks}, set()
+        for col in self.columns:
+            if col.metric not in self.metrics:
+                raise ValueError(f"schema column {col.id}: unknown metric {col.metric}")
+            if col.task is not None and col.task != "all" and col.task not in tasks:
+                raise ValueError(f"schema column {col.id}: unknown task {col.task}")
+            if bool(col.mean_of) == (col.task is not None) or not set(col.mean_of) <= seen:
+                raise ValueError(f"schema column {col.id}: needs a task or the mean of earlier columns")
+            seen.add(col.id)
+        if set(self.rows.kinds) != set(KINDS):
+            raise ValueError(f"schema rows.kinds: must declare exactly {', '.join(KINDS)}")
+        named = [*self.detail_columns, self.other_tasks.metric, *(m for k in self.rows.kinds.values()
+                                                                   for m in k.pooled or [])]
+        if unknown := sorted(set(named) - set(self.metrics)):
+            raise ValueError(f"schema: unknown metrics {', '.join(unknown)}")
+        return self
+
+    def shows_pooled(self, kind: str, metric: str) -> bool:
+        """Whether rows of this kind show this metric on the `task: all` columns (where the metric has a pool)."""
+        shown = self.rows.kinds[kind].pooled
+        return shown is None or metric in shown
+
+    def columns_for(self, tasks: set[str]) -> tuple[list[Column], list[Task]]:
+        """A board's columns and charts' tasks: the declared ones, plus one per undeclared task of its rows."""
+        declared = [t.id for t in self.tasks]
+        others = sorted(t for t in tasks if t not in declared and not self.other_tasks.excluded(t))
+        taken, extra = {c.id for c in self.columns}, []
+        for task in others:
+            cid = f"{self.other_tasks.metric}_{task}"
+            while cid in taken:  # a task named like a column (e.g. "avg"): its values must not overwrite that one's
+                cid += "_"
+            taken.add(cid)
+            extra.append(Column(id=cid, label=task, metric=self.other_tasks.metric, task=task))
+        at = max((i + 1 for i, c in enumerate(self.columns) if c.task in declared), default=0)
+        return self.columns[:at] + extra + self.columns[at:], self.tasks + [Task(id=t, label=t) for t in others]
+
+
+def data_dir() -> Path:
+    return shipped_dir("leaderboard")
+
+
+def load_schema(path: Path | None = None) -> Schema:
+    """The shipped schema, or the one at `path` (validated either way)."""
+    return Schema.model_validate(yaml.safe_load((path or data_dir() / "schema.yaml").read_text()))
