@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Iterable
 
 # Names are echoed back in messages; one pasted by mistake (a 5000-character --drafter) must not become the message.
-SHOWN_NAME = 60
+SHOWN_NAME = 200
 
 
 class UserError(Exception):

@@ -353,7 +353,7 @@ def test_merged_tree_budgets(total, k, equal_size):
     evenly (rounded down), but every drafter keeps at least one node."""
     model = tiny_target("llama", seed=13, vocab=16, hidden=32)
     drafters = [(f"d{i}", random_drafter(model.config, i, std=0.5)) for i in range(k)]
-    shape = TreeSettings(total_tokens=total, depth=3, top_k=3)  # always more candidates than the budget
+    shape = TreeSettings(total_tokens=total, depth=3, top_k=min(3, total))  # always more candidates than the budget
     prompt = random_prompt(13, 16)
     full = generate(model, prompt, MergedTree(drafters, model, shape, budget="full"), GREEDY, 12, ())
     equal = generate(model, prompt, MergedTree(drafters, model, shape, budget="equal"), GREEDY, 12, ())

@@ -246,7 +246,8 @@ def rank(profile: DeviceProfile, steps: Sequence[Step], drafters_per_step: int =
     (a merged tree or per-step routing runs all of them)."""
     out = []
     for total, depth, top_k in product(TOTALS, DEPTHS, TOP_KS):
-        if total - 1 > top_k * (depth + 1) * top_k:  # more nodes than such a tree has candidates
+        # More nodes than such a tree has candidates, or more children per node than the tree has room for.
+        if total - 1 > top_k * (depth + 1) * top_k or top_k > total:
             continue
         tree = TreeSettings(total_tokens=total, depth=depth, top_k=top_k)
         out.append(Candidate(tree, predicted_tau(steps, tree), profile.verify_ratio(total),
