@@ -210,7 +210,19 @@ def expected_shapes(config: LlamaConfig, fc_bias: bool, with_embedding: bool) ->
     return shapes
 
 
-def _read_state(directory: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], Path]:
+def read_config(directory: Path) -> tuple[Any, Path]:
+    """A drafter directory's parsed config.json and its path (shared by the EAGLE-1/2 and EAGLE-3 loaders)."""
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"no config.json in drafter directory {directory}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    return raw, cfg_path
+
+
+def read_state(directory: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], Path]:
     from safetensors.torch import load_file
 
     st = directory / "model.safetensors"
@@ -232,7 +244,7 @@ def _read_state(directory: Path, allow_pickle: bool) -> tuple[dict[str, Tensor],
     raise UserError(f"no model.safetensors or pytorch_model.bin in {directory}")
 
 
-def _check_finite(state: dict[str, Tensor], weights: Path) -> None:
+def check_finite(state: dict[str, Tensor], weights: Path) -> None:
     """Refuse NaN or infinite weights: such a drafter proposes garbage (or nothing) and its run measures a broken
     file, not a method."""
     for key, tensor in state.items():
@@ -246,13 +258,7 @@ def load_drafter(directory: str | Path, allow_pickle: bool = False) -> tuple[Dra
     """Strictly load an EAGLE-format drafter from a local directory. Any missing, unexpected or mis-shaped key is a
     UserError naming the key. Returns the drafter (float32, CPU) and the weights file."""
     directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"no config.json in drafter directory {directory}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    raw, cfg_path = read_config(directory)
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
         if key not in raw:
             raise UserError(f"{cfg_path}: missing `{key}`")
@@ -263,7 +269,7 @@ def load_drafter(directory: str | Path, allow_pickle: bool = False) -> tuple[Dra
             raise ValueError("num_attention_heads and num_key_value_heads must be positive")
     except Exception as exc:  # transformers validates field types with its own exception classes
         raise UserError(f"{cfg_path}: invalid drafter config ({str(exc).splitlines()[0]})") from None
-    state, weights = _read_state(directory, allow_pickle)
+    state, weights = read_state(directory, allow_pickle)
     # The config's `bias` field is unreliable in published checkpoints: the state dict decides.
     fc_bias, with_embedding = "fc.bias" in state, "embed_tokens.weight" in state
     shapes = expected_shapes(config, fc_bias, with_embedding)
@@ -277,7 +283,7 @@ def load_drafter(directory: str | Path, allow_pickle: bool = False) -> tuple[Dra
         if tuple(state[key].shape) != shape:
             raise UserError(f"{weights}: key `{key}` has shape {tuple(state[key].shape)}, expected {shape} from "
                             f"{cfg_path.name}")
-    _check_finite(state, weights)
+    check_finite(state, weights)
     drafter = Drafter(config, fc_bias=fc_bias, with_embedding=with_embedding)
     drafter.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return drafter.eval(), weights

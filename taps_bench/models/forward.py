@@ -20,7 +20,7 @@ node's logits were not the logits a single-token forward gives at that position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -189,38 +189,58 @@ def _layer(w: Weights, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, attend
     return x + layer.down(silu(gate) * up)
 
 
-def _run(w: Weights, ids: Tensor, positions: Tensor, attend_for: Any, logits_rows: slice | None) -> tuple[Tensor,
-                                                                                                       Tensor]:
+def _run(w: Weights, ids: Tensor, positions: Tensor, attend_for: Any, logits_rows: slice | None,
+         taps: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    for index in taps:
+        if not 0 <= index < len(w.layers):
+            raise ValueError(f"tap at layer {index}: the target has layers 0..{len(w.layers) - 1}")
     x = w.embed[ids]
     cos, sin = w.cos[positions][:, None], w.sin[positions][:, None]
+    entering: dict[int, Tensor] = {}
     for index, layer in enumerate(w.layers):
+        if index in taps:  # `_layer` never writes into x, so keeping the reference is enough (no copy)
+            entering[index] = x
         x = _layer(w, layer, x, cos, sin, attend_for(index))
     hidden = rms_norm(x, w.norm, w.eps)
-    return hidden, w.lm_head(hidden if logits_rows is None else hidden[logits_rows])
+    return hidden, w.lm_head(hidden if logits_rows is None else hidden[logits_rows]), tuple(entering[i] for i in taps)
 
 
-def prefill(w: Weights, ids: Tensor, cache: Cache | None) -> tuple[Tensor, Tensor]:
+@overload
+def prefill(w: Weights, ids: Tensor, cache: Cache | None) -> tuple[Tensor, Tensor]: ...
+@overload
+def prefill(w: Weights, ids: Tensor, cache: Cache | None, taps: tuple[int, ...]) -> tuple[Tensor, Tensor,
+                                                                                           tuple[Tensor, ...]]: ...
+def prefill(w: Weights, ids: Tensor, cache: Cache | None, taps: tuple[int, ...] | None = None) -> tuple[Any, ...]:
     """The prompt through the target into an empty cache (or none): post-norm hidden of every token, logits of the
-    last one.
+    last one; with `taps`, also the hidden states ENTERING those layers (HF `output_hidden_states` index i is the
+    input of layer i), one [n, H] per index in the order given (EAGLE-3 drafters read three of them).
 
     Causal attention here need not be batch-invariant: both arms of a measurement run this same prefill."""
     n = ids.numel()
     if n > w.max_positions:
         raise UserError(f"prompt of {n} tokens is longer than the {w.max_positions} positions the engine supports")
     positions = torch.arange(n, device=ids.device)
-    hidden, logits = _run(w, ids, positions, lambda i: lambda q, k, v: causal_attention(cache, i, q, k, v),
-                          slice(n - 1, n))
-    return hidden, logits[0]
+    hidden, logits, tapped = _run(w, ids, positions, lambda i: lambda q, k, v: causal_attention(cache, i, q, k, v),
+                                  slice(n - 1, n), taps or ())
+    return (hidden, logits[0]) if taps is None else (hidden, logits[0], tapped)
 
 
-def extend(w: Weights, ids: Tensor, depths: Tensor, ancestors: Tensor, cache: Cache, context: int) -> tuple[Tensor,
-                                                                                                          Tensor]:
+@overload
+def extend(w: Weights, ids: Tensor, depths: Tensor, ancestors: Tensor, cache: Cache,
+           context: int) -> tuple[Tensor, Tensor]: ...
+@overload
+def extend(w: Weights, ids: Tensor, depths: Tensor, ancestors: Tensor, cache: Cache, context: int,
+           taps: tuple[int, ...]) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]: ...
+def extend(w: Weights, ids: Tensor, depths: Tensor, ancestors: Tensor, cache: Cache, context: int,
+           taps: tuple[int, ...] | None = None) -> tuple[Any, ...]:
     """A draft tree (or one token: a root-only tree) through the target after `context` committed tokens.
 
     ids, depths [n]; ancestors [n, n] bool, ancestors[i, j]: node j is node i or one of its ancestors. Node i sits at
     position context + depths[i] and sees the context and its ancestors. Returns post-norm hidden [n, H] and logits
     [n, V]; row i is bit-identical to what a one-token `extend` at that position gives once its ancestors are
-    committed."""
+    committed. With `taps` (as in `prefill`), also the per-node hidden states entering those layers."""
     depths, ancestors = depths.to(w.device), ancestors.to(w.device)
     p = plan(context, depths, ancestors)
-    return _run(w, ids, context + depths, lambda i: lambda q, k, v: tree_attention(cache, i, q, k, v, p), None)
+    hidden, logits, tapped = _run(w, ids, context + depths,
+                                  lambda i: lambda q, k, v: tree_attention(cache, i, q, k, v, p), None, taps or ())
+    return (hidden, logits) if taps is None else (hidden, logits, tapped)
