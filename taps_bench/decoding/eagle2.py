@@ -229,11 +229,11 @@ class EagleProposer:
             ancestry = torch.cat([ancestry[rows], eye[rows]], dim=1)
             n_cand += k * k
 
-        return _select(torch.cat(cand_tokens), torch.cat(cand_parent), torch.cat(cand_score),
+        return select_tree(torch.cat(cand_tokens), torch.cat(cand_parent), torch.cat(cand_score),
                        torch.cat(cand_entropy), s.total_tokens)
 
 
-def _select(tokens: Tensor, parents: Tensor, scores: Tensor, entropy: Tensor, total_tokens: int) -> DraftTree:
+def select_tree(tokens: Tensor, parents: Tensor, scores: Tensor, entropy: Tensor, total_tokens: int) -> DraftTree:
     """Keep the root and the best `total_tokens - 1` candidates, parents before children, re-indexed."""
     n = tokens.numel() - 1
     keep_n = min(total_tokens - 1, n)

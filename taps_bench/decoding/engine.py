@@ -73,16 +73,33 @@ def ensure_capacity(weights: Weights, cache: Cache, tokens: int) -> Cache:
     return bigger
 
 
-def prefill(weights: Weights, prompt: Tensor, cache: Cache) -> tuple[Tensor, Tensor]:
-    """Run the prompt through the target: hidden states of every prompt token and the logits after the last one."""
-    return forward.prefill(weights, prompt, cache)
+def prefill(weights: Weights, prompt: Tensor, cache: Cache,
+            taps: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """Run the prompt through the target: the features of every prompt token and the logits after the last one.
+    Features are the post-norm last hidden states, or with `taps` (a proposer's, see `features`) the concatenated
+    states entering those layers."""
+    if taps is None:
+        return forward.prefill(weights, prompt, cache)
+    _, logits, tapped = forward.prefill(weights, prompt, cache, taps)
+    return torch.cat(tapped, dim=-1), logits
 
 
-def verify(weights: Weights, tree: DraftTree, cache: Cache, context: int) -> tuple[Tensor, Tensor]:
+def verify(weights: Weights, tree: DraftTree, cache: Cache, context: int,
+           taps: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
     """Score every node of the tree in one target forward (node i at position context + depth, seeing the context
-    and its ancestors). Each node's logits are bit-identical to a one-token forward at its position (forward.py)."""
+    and its ancestors). Each node's logits are bit-identical to a one-token forward at its position (forward.py).
+    Returns the nodes' features (as `prefill` defines them) and logits."""
     ids = tree.tokens.to(weights.device)
-    return forward.extend(weights, ids, tree.depths, ancestor_mask(tree.parents), cache, context)
+    if taps is None:
+        return forward.extend(weights, ids, tree.depths, ancestor_mask(tree.parents), cache, context)
+    _, logits, tapped = forward.extend(weights, ids, tree.depths, ancestor_mask(tree.parents), cache, context, taps)
+    return torch.cat(tapped, dim=-1), logits
+
+
+def features(proposer: Proposer) -> tuple[int, ...] | None:
+    """The target layers whose entering states a proposer drafts from (EAGLE-3 reads three), or None: the post-norm
+    last hidden state (EAGLE-1/2, HASS, combiners of those). One forward serves either; nothing is recomputed."""
+    return getattr(proposer, "taps", None)
 
 
 def accept_greedy(tree: DraftTree, logits: Tensor) -> Acceptance:
@@ -163,7 +180,8 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
 
     start = _sync(device)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    hidden, last_logits = prefill(weights, prompt, cache)
+    taps = features(proposer)
+    hidden, last_logits = prefill(weights, prompt, cache, taps)
     root = select(last_logits, sampling, gen)
     committed, committed_hidden = prompt, hidden
     context = prompt.numel()
@@ -186,7 +204,7 @@ def generate(model: Any, prompt_ids: list[int], proposer: Proposer, sampling: Sa
             raise ValueError(f"proposer {proposer.name} drafted a tree of depth {tree.max_depth}; the engine verifies "
                              f"trees up to depth {NEAR_DEPTH}")
         cache = ensure_capacity(weights, cache, context + tree.size)
-        hidden, logits = verify(weights, tree, cache, context)
+        hidden, logits = verify(weights, tree, cache, context, taps)
         t2 = _sync(device)
         acc = (accept_greedy(tree, logits) if sampling.greedy
                else accept_sampling(tree, logits, sampling, gen))

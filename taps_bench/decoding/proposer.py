@@ -23,7 +23,9 @@ class Proposer(Protocol):
         """Draft a tree under `root`.
 
         tokens: the tokens committed to the target's cache since the last call (the whole prompt on the first call),
-        hidden: the target's post-norm last hidden states at those tokens [len(tokens), H], root: the token the
+        hidden: the target's features at those tokens [len(tokens), F]: its post-norm last hidden states, or, for a
+        proposer with a `taps` attribute (EAGLE-3), the concatenated states entering those layers
+        (`engine.features`); root: the token the
         target produced after them (not yet in its cache). After this call the proposer must hold only accepted
         context: anything it drafted is speculative until the next call confirms it.
         """

@@ -1,0 +1,116 @@
+"""Speculative decoding with EAGLE-3 drafters: EAGLE-2 trees over the drafter, drafting from three target layers
+and over a reduced draft vocabulary, lossless by construction (greedy output equals autoregressive output token
+for token); the features the engine hands over are exactly the target's states entering the tapped layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_target
+from test_eagle3 import random_state
+
+from taps_bench.catalog.cards import TreeSettings
+from taps_bench.decoding.eagle3 import Eagle3Proposer
+from taps_bench.decoding.engine import generate
+from taps_bench.decoding.proposer import Autoregressive
+from taps_bench.decoding.sampling import Sampling
+from taps_bench.models.eagle3 import Eagle3Config, Eagle3Drafter, load_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = Sampling(temperature=0.0)
+
+
+def drafter_for(model, seed: int, draft_vocab: int | None) -> Eagle3Drafter:
+    """A random EAGLE-3 drafter shaped for `model` (the tests' helper builds its weights and vocabulary map)."""
+    import test_eagle3
+
+    c = model.config
+    vocab = int(c.vocab_size)
+    config = Eagle3Config(hidden_size=c.hidden_size, intermediate_size=2 * c.hidden_size,
+                          heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                          head_dim=c.hidden_size // c.num_attention_heads, vocab_size=vocab,
+                          draft_vocab_size=draft_vocab or vocab, target_hidden_size=c.hidden_size)
+    saved = test_eagle3.VOCAB, test_eagle3.DRAFT_VOCAB
+    test_eagle3.VOCAB, test_eagle3.DRAFT_VOCAB = vocab, draft_vocab or vocab
+    try:
+        drafter = Eagle3Drafter(config)
+        load_state(drafter, random_state(config, seed))
+    finally:
+        test_eagle3.VOCAB, test_eagle3.DRAFT_VOCAB = saved
+    return drafter.eval()
+
+
+def prompt(seed: int, vocab: int, n: int = 11) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize(("seed", "draft_vocab", "shape"), [
+    (0, None, (8, 3, 2)), (1, 40, (16, 4, 4)), (2, 12, (6, 5, 1)), (3, None, (24, 2, 6)),
+])
+def test_greedy_eagle3_decoding_is_lossless(family, seed, draft_vocab, shape):
+    model = tiny_target(family, seed=seed, layers=8)
+    drafter = drafter_for(model, seed, draft_vocab)
+    total, depth, top_k = shape
+    proposer = Eagle3Proposer(drafter, model, TreeSettings(total_tokens=total, depth=depth, top_k=top_k))
+    trees = []
+    original = proposer.propose
+    proposer.propose = lambda *a: trees.append(original(*a)) or trees[-1]  # type: ignore[method-assign]
+    p = prompt(seed, model.config.vocab_size)
+    base = generate(model, p, Autoregressive(), GREEDY, 24, ())
+    spec = generate(model, p, proposer, GREEDY, 24, ())
+    assert spec.output_ids == base.output_ids
+    assert max(spec.counters.tree_sizes) <= total and sum(spec.counters.drafted_by_depth) > 0
+    # Every drafted token is a target id that the draft vocabulary maps to (d2t offsets applied at every level).
+    allowed = set(range(model.config.vocab_size)) if drafter.d2t is None else set(
+        (torch.arange(drafter.config.draft_vocab_size) + drafter.d2t).tolist())
+    assert {t for tree in trees for t in tree.tokens[1:].tolist()} <= allowed
+
+
+def test_the_proposer_is_handed_the_states_entering_its_tapped_layers():
+    """What the engine passes an EAGLE-3 proposer at prefill: the target's states entering layers 2, L//2 and L-3
+    (transformers' `hidden_states[i]`), concatenated, not the last hidden state."""
+    from taps_bench.models.forward import prepare
+
+    model = tiny_target("llama", seed=5, layers=8)
+    drafter = drafter_for(model, 5, None)
+    proposer = Eagle3Proposer(drafter, model, TreeSettings(total_tokens=8, depth=3, top_k=2))
+    assert proposer.taps == (2, 4, 5)  # 2, L//2, L-3 for L = 8
+    seen: list[torch.Tensor] = []
+    original = proposer.propose
+
+    def spy(tokens, hidden, root):
+        seen.append(hidden.clone())
+        return original(tokens, hidden, root)
+
+    proposer.propose = spy  # type: ignore[method-assign]
+    p = prompt(5, model.config.vocab_size)
+    generate(model, p, proposer, GREEDY, 6, ())
+    with torch.no_grad():
+        states = model(torch.tensor([p]), output_hidden_states=True).hidden_states
+    want = torch.cat([states[i][0] for i in (2, 4, 5)], dim=-1)
+    prepare(model)
+    assert seen[0].shape == want.shape
+    torch.testing.assert_close(seen[0], want, rtol=1e-3, atol=1e-3)  # our kernels vs transformers'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["t1", "t07p09"])
+def test_sampling_with_a_reduced_draft_vocabulary_keeps_the_target_distribution(config):
+    """At T > 0 the emitted tokens follow the target's processed distribution (chi-square on the first three
+    tokens and on the pair of the second and third), with the drafter over 6 of the 10 target tokens."""
+    import numpy as np
+    from test_sampling import CONFIGS, VOCAB, chi2_pvalue, exact, sample_generate
+
+    model = tiny_target("llama", seed=11, vocab=VOCAB, hidden=16, layers=7, heads=2, kv_heads=1, std=0.3)
+    proposer = Eagle3Proposer(drafter_for(model, 4, 6), model, TreeSettings(total_tokens=8, depth=2, top_k=3))
+    s = CONFIGS[config]
+    p1, p2, p3 = exact(model, s)
+    samples = sample_generate(model, proposer, s, 1500, seed=300_000)  # half of test_sampling's: time
+    joint12 = p1[:, None] * p2
+    count = np.bincount
+    assert chi2_pvalue(count(samples[:, 0], minlength=VOCAB), p1) > 1e-3
+    assert chi2_pvalue(count(samples[:, 1], minlength=VOCAB), joint12.sum(0)) > 1e-3
+    assert chi2_pvalue(count(samples[:, 2], minlength=VOCAB), np.einsum("xy,xyz->z", joint12, p3)) > 1e-3
+    pairs = count(samples[:, 1] * VOCAB + samples[:, 2], minlength=VOCAB * VOCAB)
+    assert chi2_pvalue(pairs, np.einsum("xy,xyz->yz", joint12, p3)) > 1e-3
