@@ -20,23 +20,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = Sampling(temperature=0.0)
 
 
-def drafter_for(model, seed: int, draft_vocab: int | None) -> Eagle3Drafter:
-    """A random EAGLE-3 drafter shaped for `model` (the tests' helper builds its weights and vocabulary map)."""
+def drafter_parts(config, seed: int, draft_vocab: int | None) -> tuple[Eagle3Config, dict[str, torch.Tensor]]:
+    """A random EAGLE-3 drafter's config and weights (SafeAILab names) shaped for a target `config`; the weights and
+    the random draft vocabulary come from test_eagle3's helper, which reads its module's vocabulary sizes."""
     import test_eagle3
 
-    c = model.config
-    vocab = int(c.vocab_size)
-    config = Eagle3Config(hidden_size=c.hidden_size, intermediate_size=2 * c.hidden_size,
-                          heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                          head_dim=c.hidden_size // c.num_attention_heads, vocab_size=vocab,
-                          draft_vocab_size=draft_vocab or vocab, target_hidden_size=c.hidden_size)
+    vocab = int(config.vocab_size)
+    shape = Eagle3Config(hidden_size=config.hidden_size, intermediate_size=2 * config.hidden_size,
+                         heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                         head_dim=config.hidden_size // config.num_attention_heads, vocab_size=vocab,
+                         draft_vocab_size=draft_vocab or vocab, target_hidden_size=config.hidden_size)
     saved = test_eagle3.VOCAB, test_eagle3.DRAFT_VOCAB
     test_eagle3.VOCAB, test_eagle3.DRAFT_VOCAB = vocab, draft_vocab or vocab
     try:
-        drafter = Eagle3Drafter(config)
-        load_state(drafter, random_state(config, seed))
+        return shape, random_state(shape, seed)
     finally:
         test_eagle3.VOCAB, test_eagle3.DRAFT_VOCAB = saved
+
+
+def drafter_for(model, seed: int, draft_vocab: int | None) -> Eagle3Drafter:
+    shape, state = drafter_parts(model.config, seed, draft_vocab)
+    drafter = Eagle3Drafter(shape)
+    load_state(drafter, state)
     return drafter.eval()
 
 
@@ -114,3 +119,50 @@ def test_sampling_with_a_reduced_draft_vocabulary_keeps_the_target_distribution(
     assert chi2_pvalue(count(samples[:, 2], minlength=VOCAB), np.einsum("xy,xyz->z", joint12, p3)) > 1e-3
     pairs = count(samples[:, 1] * VOCAB + samples[:, 2], minlength=VOCAB * VOCAB)
     assert chi2_pvalue(pairs, np.einsum("xy,xyz->yz", joint12, p3)) > 1e-3
+
+
+def test_run_takes_an_eagle3_checkpoint_directory(tmp_path, capsys, monkeypatch):
+    """`taps-bench run --drafter DIR` with a SafeAILab-format EAGLE-3 checkpoint: detected, checked against the
+    target, decoded losslessly, and recorded as an EAGLE-3 drafter with its draft vocabulary."""
+    import json
+
+    from conftest import DATA
+    from test_eagle3 import write_safeailab
+    from test_submit import CHAT, _byte_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from taps_bench.cli import main
+
+    tokenizer = _byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "tiny-bytes8.yaml").write_text(json.dumps({
+        "name": "tiny-bytes8", "description": "a random 8-layer Llama with a byte tokenizer (tests only)",
+        "family": "llama", "source": {"path": str(tmp_path / "model")}, "chat_template": CHAT,
+        "tree": {"total_tokens": 8, "depth": 3, "top_k": 2}}))
+    write_safeailab(tmp_path / "eagle3", *drafter_parts(config, 3, 100))
+    monkeypatch.setenv("TAPS_BENCH_DATA", str(DATA))
+    rc = main(["--include", str(tmp_path), "run", "--target", "tiny-bytes8", "--drafter", str(tmp_path / "eagle3"),
+               "--task", "gsm8k", "--limit", "2", "--max-new-tokens", "12", "--db", str(tmp_path / "r.sqlite"),
+               "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["lossless_rate"] == 1.0 and result["drafter"] == "eagle3"
+    from taps_bench.results.store import Store
+
+    with Store(f"sqlite:///{tmp_path / 'r.sqlite'}") as store:
+        (spec,) = store.find_runs(kind="speculative")
+    assert spec["settings"]["drafter_family"] == "eagle3" and spec["settings"]["draft_vocab_size"] == 100
+
+    # A drafter for another vocabulary is refused with one line, before anything is decoded.
+    write_safeailab(tmp_path / "other", *drafter_parts(LlamaConfig(**{**config.to_dict(), "vocab_size": 300}), 3,
+                                                       100))
+    rc = main(["--include", str(tmp_path), "run", "--target", "tiny-bytes8", "--drafter", str(tmp_path / "other"),
+               "--task", "gsm8k", "--limit", "1", "--db", str(tmp_path / "r.sqlite"), "--no-progress"])
+    assert rc == 2 and "vocabulary of 300 tokens, the target has 258" in capsys.readouterr().err

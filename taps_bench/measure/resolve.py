@@ -29,9 +29,12 @@ from taps_bench.catalog.cards import (
 from taps_bench.catalog.proposers import ProposerSpec
 from taps_bench.catalog.registry import Registry, parse_card
 from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.eagle3 import Eagle3Proposer
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.errors import UserError
 from taps_bench.models.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
+from taps_bench.models.eagle3 import Eagle3Drafter
+from taps_bench.models.eagle3_format import check_eagle3_against_target, detect_format, load_eagle3
 from taps_bench.models.targets import Target, sha256_file
 from taps_bench.training.build import build_recipe, built, store_dir
 from taps_bench.training.vocab import DraftVocab, Setting, resolve_draft_vocab
@@ -40,7 +43,7 @@ from taps_bench.training.vocab import DraftVocab, Setting, resolve_draft_vocab
 @dataclass
 class ResolvedDrafter:
     name: str
-    drafter: Drafter
+    drafter: Drafter | Eagle3Drafter
     checkpoint: str  # where it was read from
     checkpoint_sha256: str
     card: DrafterCard | None
@@ -77,7 +80,7 @@ def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bo
     """Everything about a drafter that can be checked before the target is loaded (fail fast, write nothing).
     Returns the recipe that must build it first when it is a registered recipe drafter not built yet, else None."""
     if Path(name).is_dir():
-        load_drafter(name, allow_pickle=allow_pickle)
+        load_any(Path(name), allow_pickle)
         return None
     if built(target.name, name):
         return None
@@ -88,8 +91,15 @@ def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bo
             raise UserError(f"recipe '{recipe.name}' builds a drafter for '{recipe.target}', not '{target.name}'")
         return recipe
     if entry.source.path:
-        load_drafter(_local_path(card, name, entry.source.path), allow_pickle=allow_pickle)
+        load_any(_local_path(card, name, entry.source.path), allow_pickle)
     return None
+
+
+def load_any(directory: Path, allow_pickle: bool = False) -> tuple[Drafter | Eagle3Drafter, Path]:
+    """A drafter checkpoint in whichever format it is (EAGLE-1/2/HASS, EAGLE-3 SafeAILab or speculators)."""
+    if detect_format(directory) == "eagle":
+        return load_drafter(directory, allow_pickle=allow_pickle)
+    return load_eagle3(directory, allow_pickle=allow_pickle)
 
 
 def _not_built(name: str, target: str, recipe: str, why: str = "") -> UserError:
@@ -154,8 +164,11 @@ def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path, st
 
 def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False) -> ResolvedDrafter:
     directory, where, card = drafter_location(reg, name, target)
-    drafter, weights = load_drafter(directory, allow_pickle=allow_pickle)
-    check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
+    drafter, weights = load_any(directory, allow_pickle)
+    if isinstance(drafter, Eagle3Drafter):
+        check_eagle3_against_target(drafter, target.model.config, name)
+    else:
+        check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
     return ResolvedDrafter(name=name if card else Path(name).name, drafter=drafter, checkpoint=where,
                            checkpoint_sha256=sha256_file(weights), card=card,
                            own_card=_own_card(directory) if card is None else None)
@@ -234,6 +247,11 @@ def auto_tree(reg: Registry, spec: ProposerSpec, target: Target, shape: TreeSett
 def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings,
                    vocab: DraftVocab | None = None) -> tuple[EagleProposer, dict[str, Any]]:
     """The single-drafter proposer and the settings that identify it in the store."""
+    if isinstance(resolved.drafter, Eagle3Drafter):  # drafts over its own vocabulary (d2t), from three layers
+        c = resolved.drafter.config
+        return Eagle3Proposer(resolved.drafter, target.model, tree, name=resolved.name), {
+            "drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
+            "tree": tree.model_dump(), "drafter_family": "eagle3", "draft_vocab_size": c.draft_vocab_size}
     settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
                 "tree": tree.model_dump(), "draft_head_dtype": target.card.draft_head_dtype}
     if vocab is not None:  # absent for the full vocabulary, so runs stored before reduced vocabularies still match
@@ -257,6 +275,12 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
         seen[r.name] = seen.get(r.name, 0) + 1
         if seen[r.name] > 1:
             r.name = f"{r.name}#{seen[r.name]}"
+    eagle3 = [r.name for r in resolved if isinstance(r.drafter, Eagle3Drafter)]
+    if eagle3 and not spec.drafter:
+        raise UserError(f"{eagle3[0]} is an EAGLE-3 drafter; combiners take EAGLE-1/2/HASS drafters only so far")
+    if eagle3:
+        proposer, settings = eagle_proposer(resolved[0], target, tree)
+        return proposer, resolved[0].name, settings
     if spec.drafter:
         vocab = resolve_draft_vocab(reg, target, draft_vocab, resolved[0].card, data_dir)
         proposer, settings = eagle_proposer(resolved[0], target, tree, vocab)

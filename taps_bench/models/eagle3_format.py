@@ -22,7 +22,14 @@ from transformers import PretrainedConfig
 
 from taps_bench.errors import UserError
 from taps_bench.models.drafter import check_finite, read_config, read_state
-from taps_bench.models.eagle3 import Eagle3Config, Eagle3Drafter, expected_shapes, load_state, vocab_map_problem
+from taps_bench.models.eagle3 import (
+    Eagle3Config,
+    Eagle3Drafter,
+    aux_layers_for,
+    expected_shapes,
+    load_state,
+    vocab_map_problem,
+)
 
 FORMATS = ("eagle", "eagle3", "speculators-eagle3")
 SPECULATORS_OPTIONS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
@@ -236,3 +243,19 @@ def _drop_identity_map(state: dict[str, Any], config: Eagle3Config, weights: Pat
         raise UserError(f"{weights}: draft_vocab_size equals vocab_size ({config.vocab_size}), but `d2t`/`t2d` are "
                         "not the identity map (or only one of them is present)")
 
+
+
+def check_eagle3_against_target(drafter: Eagle3Drafter, target_config: Any, name: str) -> None:
+    """An EAGLE-3 drafter fits a target when it reads the target's width and vocabulary and the target has the
+    layers it taps; one line naming what differs otherwise."""
+    c = drafter.config
+    vocab, width = int(target_config.vocab_size), int(target_config.hidden_size)
+    if c.vocab_size != vocab:
+        raise UserError(f"EAGLE-3 drafter {name} is for a vocabulary of {c.vocab_size} tokens, the target has {vocab}")
+    if c.target_hidden_size != width:
+        raise UserError(f"EAGLE-3 drafter {name} reads target states of width {c.target_hidden_size}, the target's "
+                        f"are {width}")
+    if drafter.embed_tokens is None and c.hidden_size != width:
+        raise UserError(f"EAGLE-3 drafter {name} has no embedding of its own and a width ({c.hidden_size}) other than "
+                        f"the target's ({width}), so it cannot use the target's embedding")
+    aux_layers_for(c, int(target_config.num_hidden_layers))  # a target with too few layers is refused there
