@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import DATA
+from test_cli import fails
 from test_submit import CARD, CHAT, _byte_tokenizer
 
 from taps_bench.catalog.cards import SubmissionCard
@@ -67,22 +68,6 @@ def include(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TAPS_BENCH_DB", f"sqlite:///{tmp_path / 'default.sqlite'}")
     monkeypatch.setenv("TAPS_BENCH_DATA", str(DATA))
-
-
-def fails(capsys: pytest.CaptureFixture[str], *args: Any, strict: bool = True) -> str:
-    """Exit 2, exactly one line on stderr, no traceback; returns the message. strict=False allows the
-    "[taps-bench] ..." progress lines before it, for what can only be checked once the target is loaded."""
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert rc == 2, (rc, out, err)
-    assert "Traceback" not in out + err
-    lines = err.splitlines()
-    if strict:
-        assert len(lines) == 1, err
-    else:
-        assert lines and all(line.startswith("[taps-bench] ") for line in lines[:-1]), err
-    assert lines[-1].startswith("taps-bench: error: "), err
-    return lines[-1]
 
 
 def run_rows(db: Path) -> int:

@@ -78,7 +78,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: LlamaConfig) -> None:
+    """The Llama MLP; `c` is anything with hidden_size and intermediate_size (a LlamaConfig, an Eagle3Config)."""
+
+    def __init__(self, c: Any) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)

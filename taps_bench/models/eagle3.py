@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from taps_bench.errors import UserError
-from taps_bench.models.drafter import KV, RMSNorm
+from taps_bench.models.drafter import KV, MLP, RMSNorm
 
 
 @dataclass(frozen=True)
@@ -134,17 +134,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, full.keys, full.values, attn_mask=mask,
                                              enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), new
-
-
-class MLP(nn.Module):
-    def __init__(self, c: Eagle3Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MidLayer(nn.Module):
