@@ -14,26 +14,27 @@ from taps_bench.cli.options import Machine, machine_options
 @click.option("--recipe", default=None, help="A named recipe (see `taps-bench list recipes`); sets everything below.")
 @click.option("--target", default=None, help="Target name; default: the machine's default target.")
 @click.option("--corpus", default=None, help="Corpus spec: name, name:N, or a mix like sharegpt:35k+mathinstruct:35k.")
-@click.option("--method", type=str, default=None, help="eagle2 or hass.")
+@click.option("--method", type=str, default=None, help="eagle2, hass or eagle3.")
 @click.option("--name", default=None, help="Drafter name in the model store (what `run --drafter` takes).")
 @click.option("--max-len", type=int, default=None, help="Tokens per conversation (default 512).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--batch-tokens", type=int, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--ttt-steps", type=int, default=None, help="EAGLE-3: unrolled steps of training-time test (7).")
+@click.option("--draft-vocab", default=None, help="EAGLE-3: draft vocabulary size N, auto or full (default auto).")
 @click.option("--init", "init", default=None, help="Start from this drafter (name or directory) instead of scratch.")
 @machine_options
 @click.pass_obj
 def train(obj: Context, recipe: str | None, target: str | None, init: str | None, machine: Machine,
           **given: object) -> None:
-    """Train a drafter (EAGLE-2 or HASS objective) on a corpus; resumable; lands in the model store."""
+    """Train a drafter (EAGLE-2, HASS or EAGLE-3 objective) on a corpus; resumable; lands in the model store."""
     import yaml
 
     from taps_bench.data.tasks import resolve_data_dir
     from taps_bench.measure.resolve import load_for_target
     from taps_bench.models.targets import default_target_name, load_target
-    from taps_bench.training.build import build_drafter, recipe_from_flags
-    from taps_bench.training.train import TrainSettings
+    from taps_bench.training.build import build_drafter, recipe_from_flags, recipe_settings
 
     reg = obj.registry
     if target is None:
@@ -43,10 +44,9 @@ def train(obj: Context, recipe: str | None, target: str | None, init: str | None
     quiet_libraries()
     tgt = load_target(reg.target(spec.target), machine.device, machine.dtype)
     init_drafter = load_for_target(reg, init, tgt).drafter if init else None
-    settings = TrainSettings(method=spec.method, epochs=spec.epochs, lr=spec.lr, batch_tokens=spec.batch_tokens,
-                             seed=spec.seed)
-    out = build_drafter(reg, tgt, spec.name, spec.corpus, settings, spec.max_len, directory, init=init_drafter,
-                        init_name=init, show_progress=machine.progress, description=spec.description or None)
+    out = build_drafter(reg, tgt, spec.name, spec.corpus, recipe_settings(spec), spec.max_len, directory,
+                        init=init_drafter, init_name=init, show_progress=machine.progress,
+                        description=spec.description or None, draft_vocab=spec.draft_vocab)
     click.echo(f"drafter '{spec.name}' for {tgt.name} saved in {out}; use it with "
                f"`taps-bench run --drafter {spec.name} --target {tgt.name} --task ...`")
     if machine.json:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from taps_bench.catalog.cards import TreeSettings
-from taps_bench.decoding.engine import generate, new_cache, prefill, verify
+from taps_bench.decoding.engine import features, generate, new_cache, prefill, verify
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.sampling import Sampling
 from taps_bench.decoding.tree import DraftTree
@@ -103,9 +103,11 @@ def measure_profile(target: Target, make_proposer: Callable[[TreeSettings], Prop
     weights = prepare(target.model)
     prompt = torch.tensor(list(context), device=weights.device)
     cache = new_cache(weights, len(context) + max(TOTALS) + 8)
-    hidden, _ = prefill(weights, prompt, cache)
+    # The features the proposer drafts from (EAGLE-3: tapped layers), served by the same forwards a run makes.
+    taps = features(make_proposer(TreeSettings(total_tokens=max(TOTALS), depth=1, top_k=1)))
+    hidden, _ = prefill(weights, prompt, cache, taps)
     root = int(context[-1])
-    verify_ms = _interleaved_ms({n: lambda n=n: verify(weights, _bushy(n, root), cache, len(context))
+    verify_ms = _interleaved_ms({n: lambda n=n: verify(weights, _bushy(n, root), cache, len(context), taps)
                                  for n in (1, *TOTALS)}, repeats)
     # Drafting is a fixed part plus one drafter forward per level: timed at the shallowest and deepest depth for each
     # top_k, linear in between (a seventh of the timing, and the levels are alike).

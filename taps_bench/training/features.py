@@ -1,9 +1,10 @@
 """Feature extraction: run the target once over a corpus and cache what drafter training needs.
 
-For every conversation: token ids, a loss mask (1 on assistant tokens) and the target's post-norm last hidden states.
+For every conversation: token ids, a loss mask (1 on assistant tokens) and the target's post-norm last hidden states;
+with `taps` (EAGLE-3 training), also the hidden states entering those target layers, from the same forward.
 Shards are written atomically under `$TAPS_BENCH_HOME/features/<key>/`, keyed by target checkpoint, corpus spec,
-length limit and data hash, and reused by every drafter trained on that corpus. A killed extraction resumes at the
-first missing shard.
+length limit, data hash and taps (no taps: the key EAGLE-2/HASS caches always had), and reused by every drafter
+trained on that corpus. A killed extraction resumes at the first missing shard.
 
 Sequences are also shared across corpora: a conversation whose token ids were already run through the same target
 for another spec (the parts of a mixture such as `sharegpt:600+mathinstruct:600` are the first conversations of
@@ -43,6 +44,7 @@ class Sequence:
     ids: torch.Tensor  # [T] long
     mask: torch.Tensor  # [T] bool: assistant tokens
     hidden: torch.Tensor  # [T, H] target post-norm last hidden states (float16 on disk)
+    aux: torch.Tensor | None = None  # [T, len(taps) * H] the states entering the tapped layers, concatenated
 
 
 def _render(tokenizer: Any, target: Target, messages: Conversation, generation_prompt: bool) -> str:
@@ -72,9 +74,12 @@ def encode(target: Target, conv: Conversation, max_len: int) -> tuple[list[int],
     return (ids, mask) if any(mask) else None
 
 
-def cache_key(target: Target, spec: str, max_len: int, data_hash: str) -> str:
-    raw = json.dumps({"target": target.checkpoint_hash, "card": target.card.model_dump(exclude={"origin"}),
-                      "spec": spec, "max_len": max_len, "data": data_hash, "v": FORMAT_VERSION}, sort_keys=True)
+def cache_key(target: Target, spec: str, max_len: int, data_hash: str, taps: tuple[int, ...] | None = None) -> str:
+    key: dict[str, Any] = {"target": target.checkpoint_hash, "card": target.card.model_dump(exclude={"origin"}),
+                           "spec": spec, "max_len": max_len, "data": data_hash, "v": FORMAT_VERSION}
+    if taps:  # absent without taps, so the caches made before taps existed keep their keys
+        key["taps"] = list(taps)
+    raw = json.dumps(key, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -129,21 +134,25 @@ class Donors:
 
 
 def extract(target: Target, convs: list[Conversation], spec: str, data_hash: str, max_len: int,
-            shard_size: int = 200, show_progress: bool = True, share: bool = True) -> Path:
+            shard_size: int = 200, show_progress: bool = True, share: bool = True,
+            taps: tuple[int, ...] | None = None) -> Path:
     """Extract (or reuse) the features of `convs`; returns the cache directory holding the shards.
 
-    `share=False` runs the target on every sequence, even those other feature directories already hold."""
-    directory = home() / "features" / cache_key(target, spec, max_len, data_hash)
+    `share=False` runs the target on every sequence, even those other feature directories already hold. `taps`
+    (HF hidden-state indices) adds the states entering those layers; such a cache takes no donors, because a donor
+    holds only last hidden states and the taps would need the same forward anyway."""
+    directory = home() / "features" / cache_key(target, spec, max_len, data_hash, taps)
     with exclusive(directory, f"extracting features of {spec} for {target.name}"):
-        return _extract(target, convs, spec, data_hash, max_len, directory, shard_size, show_progress, share)
+        return _extract(target, convs, spec, data_hash, max_len, directory, shard_size, show_progress,
+                        share and not taps, tuple(taps or ()))
 
 
 def _extract(target: Target, convs: list[Conversation], spec: str, data_hash: str, max_len: int, directory: Path,
-             shard_size: int, show_progress: bool, share: bool) -> Path:
+             shard_size: int, show_progress: bool, share: bool, taps: tuple[int, ...]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"target": target.name, "target_sha256": target.checkpoint_hash, "spec": spec, "max_len": max_len,
                 "data_sha256": data_hash, "conversations": len(convs), "shard_size": shard_size,
-                "format": FORMAT_VERSION}
+                "format": FORMAT_VERSION, **({"taps": list(taps)} if taps else {})}
     # Provenance: how many sequences each other feature directory supplied (kept across resumed runs).
     earlier = json.loads((directory / "manifest.json").read_text()).get("reused_from", {}) \
         if (directory / "manifest.json").is_file() else {}
@@ -157,7 +166,7 @@ def _extract(target: Target, convs: list[Conversation], spec: str, data_hash: st
     weights = prepare(target.model)  # the decoding forward: pre-packed weights, 2-3x the transformers forward on CPU
     donors = Donors(target, directory) if share and todo else None
     for shard in todo:
-        ids_all, mask_all, hidden_all, lengths = [], [], [], []
+        ids_all, mask_all, hidden_all, aux_all, lengths = [], [], [], [], []
         for conv in convs[shard * shard_size:(shard + 1) * shard_size]:
             enc = encode(target, conv, max_len)
             bar.update(1)
@@ -172,7 +181,13 @@ def _extract(target: Target, convs: list[Conversation], spec: str, data_hash: st
             hidden = donors.take(ids, forward) if donors is not None else None
             if hidden is None:
                 t0 = time.perf_counter()
-                hidden = forward().to(torch.float16).cpu()
+                if taps:
+                    with torch.inference_mode():
+                        last, _, tapped = prefill(weights, torch.tensor(ids, device=target.device), None, taps)
+                    aux_all.append(torch.cat(tapped, dim=-1).to(torch.float16).cpu())
+                    hidden = last.to(torch.float16).cpu()
+                else:
+                    hidden = forward().to(torch.float16).cpu()
                 seconds += time.perf_counter() - t0
                 tokens += len(ids)
             ids_all.append(torch.tensor(ids, dtype=torch.int32))
@@ -182,7 +197,8 @@ def _extract(target: Target, convs: list[Conversation], spec: str, data_hash: st
             reused = sum(donors.used.values()) if donors is not None else 0
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tok/s" + (f", {reused} reused" if reused else ""))
         tensors = {"ids": torch.cat(ids_all), "mask": torch.cat(mask_all).to(torch.uint8),
-                   "hidden": torch.cat(hidden_all), "lengths": torch.tensor(lengths, dtype=torch.int64)} \
+                   "hidden": torch.cat(hidden_all), "lengths": torch.tensor(lengths, dtype=torch.int64),
+                   **({"aux": torch.cat(aux_all)} if aux_all else {})} \
             if lengths else {"lengths": torch.zeros(0, dtype=torch.int64)}
         part = directory / f"shard-{shard:05d}.part"
         save_file(tensors, str(part))
@@ -203,5 +219,6 @@ def load_sequences(directory: Path) -> list[Sequence]:
             continue
         offsets = [0, *torch.cumsum(t["lengths"], 0).tolist()]
         for a, b in itertools.pairwise(offsets):
-            seqs.append(Sequence(ids=t["ids"][a:b].long(), mask=t["mask"][a:b].bool(), hidden=t["hidden"][a:b]))
+            seqs.append(Sequence(ids=t["ids"][a:b].long(), mask=t["mask"][a:b].bool(), hidden=t["hidden"][a:b],
+                                 aux=t["aux"][a:b] if "aux" in t else None))
     return seqs

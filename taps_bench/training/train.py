@@ -10,6 +10,8 @@ and harmonized context alignment: `align_steps` forward passes per batch; in pas
 the drafter's own (detached) prediction from pass j-1, and slot s attends exactly to what it would see at draft depth
 j: true-feature keys at slots <= s-j+1 and, for each earlier pass k >= 2, the single key at slot s-j+k. The loss of
 every pass is summed, as in HASS.
+
+EAGLE-3 (Li et al., 2025): training-time test over three-layer features, token losses only (`training.ttt`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from tqdm import tqdm
 
 from taps_bench.errors import UserError
 from taps_bench.models.drafter import KV, Drafter, has_bf16_matmul, random_drafter, save_drafter, vocab_head
+from taps_bench.models.eagle3 import Eagle3Config, Eagle3Drafter, target_ids
+from taps_bench.models.eagle3_format import save_safeailab
 from taps_bench.training.features import Sequence
+from taps_bench.training.ttt import target_distributions, ttt_losses
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    method: Literal["eagle2", "hass"]
+    method: Literal["eagle2", "hass", "eagle3"]
     epochs: int = 2
     lr: float = 1e-3
     batch_tokens: int = 2048  # padded tokens per batch
@@ -47,6 +52,7 @@ class TrainSettings:
     topk_w: float = 1.0  # HASS only
     topk: int = 10  # HASS only
     align_steps: int = 3  # HASS only: forward passes per batch (1 = plain EAGLE training)
+    ttt_steps: int = 7  # EAGLE-3 only: unrolled steps of training-time test (EAGLE-3 trains with 7)
     seed: int = 0
     # The vocabulary projection (target's lm_head) dominates a CPU training step. "auto" runs it in bfloat16 where
     # the hardware has bf16 matrix units (CUDA, or CPUs with AVX512-BF16/AMX: 3.6x faster here), else in float32;
@@ -102,6 +108,7 @@ class Batch:
     ids: Tensor  # [B, T]
     hidden: Tensor  # [B, T, H] float32
     weight: Tensor  # [B, T-1] float: 1 where slot s's target f_{s+1} sits on an assistant token
+    aux: Tensor | None = None  # [B, T, F] float32: EAGLE-3's tapped features, when the sequences carry them
 
 
 def make_batch(seqs: list[Sequence]) -> Batch:
@@ -110,10 +117,25 @@ def make_batch(seqs: list[Sequence]) -> Batch:
     ids = torch.zeros(b, t, dtype=torch.long)
     hidden = torch.zeros(b, t, h)
     mask = torch.zeros(b, t)
+    first = seqs[0].aux
+    aux = torch.zeros(b, t, first.shape[1]) if first is not None else None
     for i, s in enumerate(seqs):
         n = s.ids.numel()
         ids[i, :n], hidden[i, :n], mask[i, :n] = s.ids, s.hidden.float(), s.mask.float()
-    return Batch(ids=ids, hidden=hidden, weight=mask[:, 1:])
+        if aux is not None:
+            assert s.aux is not None
+            aux[i, :n] = s.aux.float()
+    return Batch(ids=ids, hidden=hidden, weight=mask[:, 1:], aux=aux)
+
+
+def eagle3_batch_losses(drafter: Eagle3Drafter, embed: nn.Module, lm_head: Callable[[Tensor], Tensor],
+                        batch: Batch, s: TrainSettings) -> dict[str, Tensor]:
+    if batch.aux is None:
+        raise UserError("EAGLE-3 training needs features extracted with the target's three tapped layers")
+    d2t = drafter.d2t
+    draft_ids = None if d2t is None else target_ids(torch.arange(d2t.numel()), d2t)
+    targets = target_distributions(lm_head, batch.hidden[:, 1:], batch.weight, draft_ids)
+    return ttt_losses(drafter, embed, batch.ids, batch.aux, targets, s.ttt_steps)
 
 
 def batch_losses(drafter: Drafter, embed: nn.Module, lm_head: Callable[[Tensor], Tensor], batch: Batch,
@@ -178,11 +200,14 @@ def batches(seqs: list[Sequence], batch_tokens: int, gen: torch.Generator) -> li
     return [out[i] for i in perm]
 
 
-def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: TrainSettings, work_dir: Path,
-          show_progress: bool = True, log: Any = None) -> tuple[Drafter, dict[str, Any]]:
-    """Train (or resume training) a drafter; per-epoch checkpoints in `work_dir/state.pt`. Deterministic per seed."""
+def train(drafter: Drafter | Eagle3Drafter | None, target_model: Any, seqs: list[Sequence], s: TrainSettings,
+          work_dir: Path, show_progress: bool = True, log: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Train (or resume training) a drafter; per-epoch checkpoints in `work_dir/state.pt`. Deterministic per seed.
+    An EAGLE-3 drafter must be given (`fresh_eagle3`: its draft vocabulary is chosen before training)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
+    if drafter is None and s.method == "eagle3":
+        raise ValueError("EAGLE-3 training starts from a given drafter (fresh_eagle3)")
     drafter = drafter if drafter is not None else _fresh(target_model.config, s.seed)
     # What the saved state belongs to: a resume with other settings or data would silently continue the wrong run.
     identity = json.dumps({"settings": asdict(s), "sequences": len(seqs),
@@ -215,13 +240,16 @@ def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: T
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
     for epoch in range(start_epoch, s.epochs):
         gen = torch.Generator().manual_seed(s.seed * 1000 + epoch)
-        sums = {"loss": 0.0, "v": 0.0, "p": 0.0, "topk": 0.0, "acc": 0.0}
+        sums: dict[str, float] = {}
         n_batches = 0
         for idx in batches(seqs, s.batch_tokens, gen):
             t0 = time.perf_counter()
             batch = make_batch([seqs[i] for i in idx])
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
-                losses = batch_losses(drafter, embed, lm_head, batch, s, gen)
+                if isinstance(drafter, Eagle3Drafter):
+                    losses = eagle3_batch_losses(drafter, embed, lm_head, batch, s)
+                else:
+                    losses = batch_losses(drafter, embed, lm_head, batch, s, gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_value_(params, s.grad_clip)
@@ -230,8 +258,8 @@ def train(drafter: Drafter | None, target_model: Any, seqs: list[Sequence], s: T
             seconds += time.perf_counter() - t0
             tokens_seen += int(batch.weight.sum())
             n_batches += 1
-            for k in sums:
-                sums[k] += float(losses[k].detach())
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.update(1)
             bar.set_postfix_str(f"loss {float(losses['loss'].detach()):.3f} acc {float(losses['acc']):.2f} "
                                 f"{tokens_seen / max(seconds, 1e-9):.0f} tok/s")
@@ -262,10 +290,49 @@ def _fresh(target_config: Any, seed: int) -> Drafter:
     return d
 
 
-def save_trained(drafter: Drafter, out_dir: Path, card: dict[str, Any]) -> Path:
-    """EAGLE-format checkpoint plus the drafter card, written so that a half-written drafter never looks built."""
+def fresh_eagle3(target_model: Any, draft_ids: Tensor | None, seed: int) -> Eagle3Drafter:
+    """A new EAGLE-3 drafter of the target's width and layer shape over the draft vocabulary `draft_ids` (sorted
+    target ids; None: the full vocabulary), reading the default three layers. PyTorch's default Linear init and
+    norms at one, as `_fresh`; the head starts from the target's lm_head rows of the draft vocabulary and the final
+    norm from the target's (the drafter's output is its own representation, so both are trained, but on a
+    CPU-sized budget a head that starts where the target's words are learns faster than one from noise)."""
+    c = target_model.config
+    vocab = int(c.vocab_size)
+    n = vocab if draft_ids is None else int(draft_ids.numel())
+    config = Eagle3Config(hidden_size=int(c.hidden_size), intermediate_size=int(c.intermediate_size),
+                          heads=int(c.num_attention_heads), kv_heads=int(c.num_key_value_heads),
+                          head_dim=int(c.hidden_size) // int(c.num_attention_heads), vocab_size=vocab,
+                          draft_vocab_size=n, target_hidden_size=int(c.hidden_size),
+                          rms_norm_eps=float(c.rms_norm_eps), rope_theta=_rope_theta(c))
+    torch.manual_seed(seed)
+    d = Eagle3Drafter(config)
+    with torch.no_grad():
+        head = target_model.lm_head.weight.detach().float()
+        d.lm_head.weight.copy_(head if draft_ids is None else head[draft_ids])
+        d.norm.weight.copy_(target_model.model.norm.weight.detach().float())
+        if draft_ids is not None:
+            assert d.d2t is not None and d.t2d is not None
+            d.d2t.copy_(draft_ids - torch.arange(n))
+            d.t2d.zero_()
+            d.t2d[draft_ids] = True
+    return d
+
+
+def _rope_theta(config: Any) -> float:
+    """The target's rotary base (transformers 5 keeps it in `rope_parameters`): a drafter trained here uses its
+    target's positions, and says so in its own config."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def save_trained(drafter: Drafter | Eagle3Drafter, out_dir: Path, card: dict[str, Any]) -> Path:
+    """The checkpoint (EAGLE format; SafeAILab's EAGLE-3 layout for EAGLE-3) plus the drafter card, written so that
+    a half-written drafter never looks built."""
     import yaml
 
-    save_drafter(drafter, out_dir)
+    if isinstance(drafter, Eagle3Drafter):
+        save_safeailab(drafter, out_dir)
+    else:
+        save_drafter(drafter, out_dir)
     (out_dir / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     return out_dir
