@@ -21,7 +21,8 @@ from taps_bench.cli.options import Machine, db_option, db_url, machine_options
 @click.pass_obj
 def submit(obj: Context, card: str, out: str | None, limit: int, max_new_tokens: int, machine: Machine) -> None:
     """Check a drafter submission card, smoke-test the drafter on every registered task (T=0, both arms, lossless
-    required) and write a result bundle to send with the card in a pull request."""
+    required) and write a result bundle to send with the card in a pull request. The checkpoint is an EAGLE-1/2/HASS
+    drafter, or an EAGLE-3 one (SafeAILab layout or speculators format) under `method: eagle3`."""
     from taps_bench.measure.submission import submit as submit_card
     from taps_bench.measure.submission import summary_table
 
@@ -57,7 +58,8 @@ def import_cmd(obj: Context, bundles: tuple[str, ...], db: str | None) -> None:
 @click.option("--tau-prompts", type=click.IntRange(min=0), default=4, show_default=True,
               help="Prompts per task on which tau is re-measured with the drafter (0: do not re-measure).")
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
-              help="The submitted drafter's directory (from the pull request); default: the card's hub id.")
+              help="The submitted drafter's directory (from the pull request; EAGLE-3 in either format too); "
+                   "default: the card's hub id.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets.")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="Largest relative difference between claimed and re-measured tau.")

@@ -55,6 +55,45 @@ def refuse_official_name(card: SubmissionCard, card_path: Path, reg: Registry) -
                         "choose another")
 
 
+def check_method(card: SubmissionCard, drafter: Any, directory: Path, where: str) -> None:
+    """The method a card declares must be the checkpoint's family: an EAGLE-3 card measured with an EAGLE-2 file (or
+    the reverse) would credit one method with the other's results. `other` may be either."""
+    from taps_bench.models.eagle3 import Eagle3Drafter
+    from taps_bench.models.eagle3_format import detect_format
+
+    eagle3 = isinstance(drafter, Eagle3Drafter)
+    if card.method == "eagle3" and not eagle3:
+        raise UserError(f"{where}: method: eagle3, but the checkpoint {directory} is an EAGLE-1/2/HASS drafter (its "
+                        "config.json has no draft_vocab_size); write `method: eagle2` or `method: hass`, or point "
+                        "`checkpoint` at the EAGLE-3 drafter")
+    if card.method in ("eagle2", "hass") and eagle3:
+        layout = "speculators format" if detect_format(directory) == "speculators-eagle3" else "SafeAILab layout"
+        raise UserError(f"{where}: method: {card.method}, but the checkpoint {directory} is an EAGLE-3 drafter "
+                        f"({layout}); write `method: eagle3`")
+
+
+def load_submitted(card: SubmissionCard, directory: Path, where: str) -> tuple[Any, Path]:
+    """The submitted drafter in whichever format it is (EAGLE-1/2/HASS, EAGLE-3 in the SafeAILab layout or the
+    speculators format) and its weights file, refused unless it is of the card's method."""
+    from taps_bench.measure.resolve import load_any
+
+    drafter, weights = load_any(directory)
+    check_method(card, drafter, directory, where)
+    return drafter, weights
+
+
+def check_fits(drafter: Any, target: Any, name: str) -> None:
+    """The drafter reads this loaded target's states and vocabulary (each family has its own check)."""
+    from taps_bench.models.drafter import check_against_target
+    from taps_bench.models.eagle3 import Eagle3Drafter
+    from taps_bench.models.eagle3_format import check_eagle3_against_target
+
+    if isinstance(drafter, Eagle3Drafter):
+        check_eagle3_against_target(drafter, target.model.config, name)
+    else:
+        check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, name)
+
+
 def check_lossless(task: str, spec: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
     """At temperature 0 speculative decoding must reproduce the autoregressive output token for token."""
     from taps_bench.results.metrics import compare_outputs
@@ -105,7 +144,6 @@ def _submit(card_path: Path, reg: Registry, out: Path | None, limit: int, max_ne
     from taps_bench.measure import provenance
     from taps_bench.measure.resolve import ResolvedDrafter, eagle_proposer, fixed_tree
     from taps_bench.measure.runner import Arm, measure
-    from taps_bench.models.drafter import check_against_target, load_drafter
     from taps_bench.models.targets import load_target, sha256_file
 
     if limit < 1:
@@ -123,9 +161,9 @@ def _submit(card_path: Path, reg: Registry, out: Path | None, limit: int, max_ne
         raise UserError(f"cannot write the bundle {out}: {out.parent} is not a directory; pass --out PATH")
     ckpt, where = locate_checkpoint(card, card_path)
     refuse_pickle(ckpt)
-    drafter, weights = load_drafter(ckpt)
+    drafter, weights = load_submitted(card, ckpt, f"submission card {card_path}")
     target = load_target(target_card, device, dtype)
-    check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, card.name)
+    check_fits(drafter, target, card.name)
     n = sum(len(ex.turns) for exs in examples.values() for ex in exs)
     print(f"[taps-bench] submission '{card.name}' ({card.method}) on {target.name} ({target.device}, "
           f"{str(target.dtype).removeprefix('torch.')}): {n} samples per arm over "

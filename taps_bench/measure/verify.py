@@ -23,6 +23,7 @@ from taps_bench.catalog.cards import SubmissionCard, TreeSettings
 from taps_bench.catalog.registry import Registry
 from taps_bench.errors import UserError
 from taps_bench.measure.imports import check_against_registry
+from taps_bench.measure.submission import check_fits, load_submitted
 from taps_bench.results import submissions
 from taps_bench.results.bundle import read_bundle
 from taps_bench.results.claims import ClaimError
@@ -85,12 +86,16 @@ def verify(path: Path, reg: Registry, db_url: str, checkpoint: Path | None = Non
                             "first (verify stores its result with the submission)")
     runs = greedy_runs(data)
     card = SubmissionCard.model_validate(data["submission"])
+    chosen = choose(list({(r["task"], s["example_id"]) for r in runs for s in r["samples"]}), sample, seed)
+    checks = Checks(prompts_rerun=len(chosen))
+    located = locate_drafter(card, checkpoint, checks)
+    # Before the target is loaded: a checkpoint of another family than the card's method fails in a second.
+    drafter: tuple[Path, Any, Path] | None = None
+    if located is not None and tau_prompts:
+        drafter = (located, *load_submitted(card, located, f"bundle {path}"))
     # The claims hold at the precision they were measured in: the bundle's, unless the maintainer says otherwise.
     target = load_target(reg.target(card.target), device, dtype or runs[0]["settings"].get("dtype"))
     directory = resolve_data_dir(data_dir)
-    chosen = choose(list({(r["task"], s["example_id"]) for r in runs for s in r["samples"]}), sample, seed)
-    checks = Checks(prompts_rerun=len(chosen))
-    drafter = locate_drafter(card, checkpoint, checks)
     with tempfile.TemporaryDirectory(prefix="taps-bench-verify-") as tmp:
         scratch = Store(f"sqlite:///{Path(tmp) / 'verify.sqlite'}")
         try:
@@ -99,7 +104,7 @@ def verify(path: Path, reg: Registry, db_url: str, checkpoint: Path | None = Non
                 task_runs = [r for r in runs if r["task"] == task]
                 redo = redecode(scratch, reg, target, task, ids, task_runs, directory, show_progress)
                 compare(task_runs, redo, set(ids), checks)
-                if drafter is not None and tau_prompts:
+                if drafter is not None:
                     retime(scratch, reg, target, task, choose(ids, tau_prompts, seed + 1), task_runs, drafter,
                            directory, tolerance, checks, show_progress)
         finally:
@@ -174,13 +179,14 @@ def compare(runs: list[dict[str, Any]], redo: dict[tuple[str, int], dict[str, An
 
 
 def retime(scratch: Store, reg: Registry, target: Any, task: str, ids: list[str], runs: list[dict[str, Any]],
-           checkpoint: Path, directory: Path, tolerance: float, checks: Checks, show_progress: bool) -> None:
-    """Re-measure tau with the submitted drafter and the bundle's tree on `ids`; compare with the claim there."""
+           drafter: tuple[Path, Any, Path], directory: Path, tolerance: float, checks: Checks,
+           show_progress: bool) -> None:
+    """Re-measure tau with the submitted drafter (its directory, the loaded drafter of either family and its weights
+    file) and the bundle's tree on `ids`; compare with the claim there."""
     from taps_bench.decoding.sampling import Sampling
     from taps_bench.measure import provenance
     from taps_bench.measure.resolve import ResolvedDrafter, eagle_proposer
     from taps_bench.measure.runner import Arm, measure
-    from taps_bench.models.drafter import check_against_target, load_drafter
     from taps_bench.models.targets import sha256_file
 
     spec = next((r for r in runs if r["kind"] == "speculative"), None)
@@ -190,12 +196,12 @@ def retime(scratch: Store, reg: Registry, target: Any, task: str, ids: list[str]
     if "draft_vocab" in settings:
         checks.notes.append(f"{task}: tau not re-measured: the run drafted over a reduced vocabulary")
         return
-    drafter, weights = load_drafter(checkpoint)
+    checkpoint, model, weights = drafter
     if sha256_file(weights) != settings.get("drafter_sha256"):
         raise UserError(f"--checkpoint {checkpoint}: its weights are not the ones the bundle measured "
                         "(settings.drafter_sha256 differs)")
-    check_against_target(drafter, target.model.config, target.model.get_input_embeddings().weight, spec["proposer"])
-    resolved = ResolvedDrafter(name=spec["proposer"], drafter=drafter, checkpoint=settings["drafter_checkpoint"],
+    check_fits(model, target, spec["proposer"])
+    resolved = ResolvedDrafter(name=spec["proposer"], drafter=model, checkpoint=settings["drafter_checkpoint"],
                                checkpoint_sha256=settings["drafter_sha256"], card=None)
     proposer, _ = eagle_proposer(resolved, target, TreeSettings(**settings["tree"]))
     arm = Arm(kind="speculative", proposer=spec["proposer"], sampling=Sampling(**settings["sampling"]),

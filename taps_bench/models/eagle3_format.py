@@ -10,10 +10,13 @@ proposal_methods, default_proposal_method, verifier), the layer's own config in 
 layer unless its `model_type` says llama), `draft_vocab_size` and the options below; the same weights with
 `midlayer.` renamed `layers.0.` (its converter does exactly that rename), plus `input_norm.weight` under
 `norm_before_fc` and `fc_norm.<i>.weight` under `fc_norm`.
+
+`save_safeailab` and `save_speculators` write the two layouts back (what `taps-bench export-drafter` writes).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from taps_bench.models.eagle3 import (
     load_state,
     vocab_map_problem,
 )
+from taps_bench.paths import write_atomic
 
 FORMATS = ("eagle", "eagle3", "speculators-eagle3")
 SPECULATORS_OPTIONS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
@@ -259,3 +263,102 @@ def check_eagle3_against_target(drafter: Eagle3Drafter, target_config: Any, name
         raise UserError(f"EAGLE-3 drafter {name} has no embedding of its own and a width ({c.hidden_size}) other than "
                         f"the target's ({width}), so it cannot use the target's embedding")
     aux_layers_for(c, int(target_config.num_hidden_layers))  # a target with too few layers is refused there
+
+
+# -- writers (the loaders' inverse) -------------------------------------------------------------------------------
+
+SPECULATORS_VERSION = "0.3.0"  # the release whose eagle3 config layout this writes (and `load_speculators` reads)
+
+
+def safeailab_problem(config: Eagle3Config) -> str | None:
+    """Why the SafeAILab layout cannot express this drafter (it has no field for the option), or None."""
+    used = [name for name in ("qk_norm", *SPECULATORS_OPTIONS) if getattr(config, name)]
+    if used:
+        return (f"it uses {', '.join(used)}, which only the speculators format can express; export it with "
+                "--format speculators")
+    if config.head_dim != config.hidden_size // config.heads:  # what `load_safeailab` rebuilds it with
+        return (f"its head_dim {config.head_dim} is not hidden_size / heads ({config.hidden_size} / {config.heads}), "
+                "the only head size SafeAILab's layer has; export it in the speculators format")
+    if config.aux_layers is not None and 0 in config.aux_layers:
+        # SGLang/SpecForge ids count layer outputs, so the embedding output (HF index 0) has no id there.
+        return ("it reads hidden state 0 (the embedding output), which SafeAILab-layout layer ids cannot name; export "
+                "it in the speculators format")
+    return None
+
+
+def save_safeailab(drafter: Eagle3Drafter, directory: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write `drafter` in the SafeAILab EAGLE-3 layout that `load_safeailab` reads back; returns the weights file.
+
+    Refused (UserError, before anything is written) for options the layout has no field for."""
+    c = drafter.config
+    problem = safeailab_problem(c)
+    if problem:
+        raise UserError(f"cannot write EAGLE-3 drafter to {directory} in the SafeAILab layout: {problem}")
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", **_layer_fields(c),
+        "draft_vocab_size": c.draft_vocab_size, "target_hidden_size": c.target_hidden_size,
+        "tie_word_embeddings": False, "torch_dtype": "float32"}
+    if c.aux_layers is not None:
+        # SGLang/SpecForge ids are layer outputs (state leaving layer i = HF index i + 1); `load_safeailab` adds 1.
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in c.aux_layers],
+                                  "use_aux_hidden_state": True}
+    config.update(extra_config or {})
+    return _write(directory, _state(drafter, rename=False), config)
+
+
+def save_speculators(drafter: Eagle3Drafter, directory: str | Path, verifier_name: str,
+                     verifier_architectures: list[str], speculative_tokens: int = 5) -> Path:
+    """Write `drafter` in vllm-project/speculators' eagle3 layout that `load_speculators` reads back (and vLLM
+    serves); returns the weights file. The verifier is the target model it was trained for."""
+    c = drafter.config
+    if isinstance(speculative_tokens, bool) or not isinstance(speculative_tokens, int) or speculative_tokens < 1:
+        raise UserError(f"speculative_tokens must be a positive integer, got {speculative_tokens!r}")
+    layer = {"model_type": "qwen3" if c.qk_norm else "llama", **_layer_fields(c), "attention_bias": False}
+    config: dict[str, Any] = {
+        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+        "speculators_version": SPECULATORS_VERSION,
+        "speculators_config": {
+            "algorithm": "eagle3", "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
+                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "verifier": {"name_or_path": verifier_name, "architectures": list(verifier_architectures)}},
+        "transformer_layer_config": layer, "draft_vocab_size": c.draft_vocab_size,
+        "target_hidden_size": c.target_hidden_size, "embed_requires_grad": False,
+        **{name: getattr(c, name) for name in SPECULATORS_OPTIONS}, "torch_dtype": "float32"}
+    if c.aux_layers is not None:
+        config["eagle_aux_hidden_state_layer_ids"] = list(c.aux_layers)  # vLLM's ids are HF indices as they are
+    return _write(directory, _state(drafter, rename=True), config)
+
+
+def _layer_fields(c: Eagle3Config) -> dict[str, Any]:
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_attention_heads": c.heads,
+            "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "num_hidden_layers": 1, "hidden_act": "silu"}
+
+
+def _state(drafter: Eagle3Drafter, rename: bool) -> dict[str, Any]:
+    # state_dict holds d2t/t2d only for a reduced vocabulary and never the (non-persistent) rotary frequencies;
+    # weights are float32, as config.json's torch_dtype says (and as the loaders return them).
+    return {_file_name(k, rename): (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+            for k, v in drafter.state_dict().items()}
+
+
+def _write(directory: str | Path, state: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Weights first, config.json last, each through a `.part` file: a directory with a config.json is complete."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "model.safetensors"
+    part = weights.with_name(weights.name + ".part")
+    try:
+        save_file(state, str(part), metadata={"format": "pt"})
+        part.replace(weights)
+    except OSError as exc:  # a full disk or a read-only directory: the user's to fix
+        part.unlink(missing_ok=True)
+        raise UserError(f"cannot write {weights}: {exc.strerror or exc}") from None
+    except BaseException:  # an interrupt mid-write: no stray .part either
+        part.unlink(missing_ok=True)
+        raise
+    write_atomic(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return weights

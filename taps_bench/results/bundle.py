@@ -57,7 +57,7 @@ _RUN_FIELDS: dict[str, type | tuple[type, ...]] = {
 # How to fix each field of a submission card: appended to the one-line error, so nobody has to open the docs.
 _CARD_FIXES = {
     "name": "write e.g. `name: my-math-hass` (letters, digits, '.', '_', '-')",
-    "method": "write one of `method: eagle2`, `method: hass`, `method: other`",
+    "method": "write one of `method: eagle2`, `method: hass`, `method: eagle3`, `method: other`",
     "target": "write a registered target, e.g. `target: smollm2-135m-instruct` (see `taps-bench list targets`)",
     "checkpoint": "write `checkpoint: {path: DIR}` (relative to the card) or `checkpoint: {hub: OWNER/REPO}`",
     "training_data": "write e.g. `training_data: MathInstruct, 70k conversations, 20 epochs`",
