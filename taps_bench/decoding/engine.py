@@ -77,7 +77,8 @@ def prefill(weights: Weights, prompt: Tensor, cache: Cache,
             taps: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
     """Run the prompt through the target: the features of every prompt token and the logits after the last one.
     Features are the post-norm last hidden states, or with `taps` (a proposer's, see `features`) the concatenated
-    states entering those layers."""
+    states entering those layers, in the order given (index L, the number of layers, is the post-norm last hidden
+    state, as in HF's `hidden_states`)."""
     if taps is None:
         return forward.prefill(weights, prompt, cache)
     _, logits, tapped = forward.prefill(weights, prompt, cache, taps)
@@ -97,8 +98,10 @@ def verify(weights: Weights, tree: DraftTree, cache: Cache, context: int,
 
 
 def features(proposer: Proposer) -> tuple[int, ...] | None:
-    """The target layers whose entering states a proposer drafts from (EAGLE-3 reads three), or None: the post-norm
-    last hidden state (EAGLE-1/2, HASS, combiners of those). One forward serves either; nothing is recomputed."""
+    """The HF hidden-state indices a proposer drafts from (index i < L: the state entering layer i, EAGLE-3 reads
+    three; index L: the post-norm last hidden state), or None: the post-norm last hidden state alone (EAGLE-1/2,
+    HASS, combiners of those). A combiner mixing EAGLE-2 and EAGLE-3 drafters declares the union, index L included,
+    and slices it per drafter. One forward serves any of these; nothing is recomputed."""
     return getattr(proposer, "taps", None)
 
 

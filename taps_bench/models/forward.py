@@ -191,9 +191,11 @@ def _layer(w: Weights, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, attend
 
 def _run(w: Weights, ids: Tensor, positions: Tensor, attend_for: Any, logits_rows: slice | None,
          taps: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    last = len(w.layers)
     for index in taps:
-        if not 0 <= index < len(w.layers):
-            raise ValueError(f"tap at layer {index}: the target has layers 0..{len(w.layers) - 1}")
+        if not 0 <= index <= last:
+            raise ValueError(f"tap at layer {index}: the target has layers 0..{last - 1} (and {last}, the post-norm "
+                             f"last hidden state)")
     x = w.embed[ids]
     cos, sin = w.cos[positions][:, None], w.sin[positions][:, None]
     entering: dict[int, Tensor] = {}
@@ -202,6 +204,9 @@ def _run(w: Weights, ids: Tensor, positions: Tensor, attend_for: Any, logits_row
             entering[index] = x
         x = _layer(w, layer, x, cos, sin, attend_for(index))
     hidden = rms_norm(x, w.norm, w.eps)
+    # HF's last `hidden_states` entry is after the final norm: index L is the very tensor the logits come from, so a
+    # proposer tapping it reads exactly what an untapped forward would have handed it.
+    entering[last] = hidden
     return hidden, w.lm_head(hidden if logits_rows is None else hidden[logits_rows]), tuple(entering[i] for i in taps)
 
 
@@ -213,7 +218,8 @@ def prefill(w: Weights, ids: Tensor, cache: Cache | None, taps: tuple[int, ...])
 def prefill(w: Weights, ids: Tensor, cache: Cache | None, taps: tuple[int, ...] | None = None) -> tuple[Any, ...]:
     """The prompt through the target into an empty cache (or none): post-norm hidden of every token, logits of the
     last one; with `taps`, also the hidden states ENTERING those layers (HF `output_hidden_states` index i is the
-    input of layer i), one [n, H] per index in the order given (EAGLE-3 drafters read three of them).
+    input of layer i), one [n, H] per index in the order given (EAGLE-3 drafters read three of them). As in HF, index
+    L (the number of layers) is the post-norm last hidden state, so one forward serves EAGLE-2 and EAGLE-3 drafters.
 
     Causal attention here need not be batch-invariant: both arms of a measurement run this same prefill."""
     n = ids.numel()

@@ -1,11 +1,16 @@
 """Combiners: proposers built from K >= 2 drafters of one target. The engine does not know they exist.
 
+The drafters may be EAGLE-1/2/HASS or EAGLE-3 ones, in any mix: one target forward per step serves them all
+(`base.Multi` declares the union of the target states its members read and hands each its own), every tree holds
+target token ids, and the target verifies over its full vocabulary, so every combiner stays lossless.
+
 A combiner is one class with a typed options model (`Options`, a `CombinerOptions` subclass whose `combiner` field
 is the combiner's name) and a `build(options, drafters, target_model, tree, head_dtype) -> Proposer` classmethod.
 The built-in ones are registered exactly as a plugin's are: by the `taps_bench.combiners` entry points in
 pyproject.toml (a third party declares its own, or drops a file in `--include DIR/combiners/`).
 
-- `average`: one drafter whose parameters are alpha * A + (1 - alpha) * B (weight-space merging; the paper's worst).
+- `average`: one drafter whose parameters are alpha * A + (1 - alpha) * B (weight-space merging; the paper's worst);
+  A and B of one family and shape (two EAGLE-3 drafters: one configuration and draft vocabulary).
 - `confidence`: every drafter drafts; the tree with the highest mean node confidence exp(cumulative log-prob) wins.
 - `entropy`: every drafter drafts; the tree with the lowest mean draft entropy wins.
   Both route per step (every drafter drafts from the same accepted state each step, only the winner's tree is

@@ -1,18 +1,32 @@
-"""What every combiner is, and the plumbing of those that run several EAGLE-2 proposers side by side."""
+"""What every combiner is, and the plumbing of those that run several proposers side by side.
+
+A member is an `EagleProposer` (EAGLE-1/2/HASS drafter: reads the target's post-norm last hidden state) or an
+`Eagle3Proposer` (EAGLE-3 drafter: reads the states entering three target layers). The engine runs one target
+forward per step for the whole combiner, so a combiner with an EAGLE-3 member declares `taps`: the sorted union of
+what its members read, in HF `hidden_states` indices, where index L (the number of target layers) is the post-norm
+last hidden state. Each member is then handed its own columns of those concatenated states, in its own order. A
+combiner of EAGLE-2-style drafters only declares no taps and hands every member the engine's features untouched.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any, ClassVar
 
+import torch
+from torch import Tensor
+
 from taps_bench.catalog.cards import TreeSettings
 from taps_bench.catalog.proposers import CombinerOptions
 from taps_bench.decoding.eagle2 import EagleProposer
+from taps_bench.decoding.eagle3 import Eagle3Proposer
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.tree import DraftTree
 from taps_bench.models.drafter import Drafter
+from taps_bench.models.eagle3 import Eagle3Drafter
 
-NamedDrafters = list[tuple[str, Drafter]]
+NamedDrafters = list[tuple[str, Drafter | Eagle3Drafter]]
+Member = EagleProposer | Eagle3Proposer
 
 
 class Combiner:
@@ -26,6 +40,36 @@ class Combiner:
     def build(cls, options: Any, drafters: NamedDrafters, target_model: Any, tree: TreeSettings,
               head_dtype: str = "target") -> Proposer:
         raise NotImplementedError
+
+
+def member(name: str, drafter: Drafter | Eagle3Drafter, target_model: Any, tree: TreeSettings,
+           head_dtype: str = "target") -> Member:
+    """The single-drafter proposer of a drafter of either family (the head dtype only applies to EAGLE-2 heads,
+    which are the target's lm_head; an EAGLE-3 drafter has its own)."""
+    if isinstance(drafter, Eagle3Drafter):
+        return Eagle3Proposer(drafter, target_model, tree, name=name)
+    return EagleProposer(drafter, target_model, tree, name=name, head_dtype=head_dtype)
+
+
+def feature_plan(members: list[Any], target_model: Any) -> tuple[tuple[int, ...] | None, list[Tensor | None]]:
+    """The taps a combiner of these members declares, and for each member the feature columns it reads from the
+    concatenation of those taps (None: all of it, as it is). No member with taps: no taps, nothing sliced."""
+    needs = [getattr(p, "taps", None) for p in members]
+    if all(n is None for n in needs):
+        return None, [None] * len(members)
+    last = int(target_model.config.num_hidden_layers)
+    width = int(target_model.config.hidden_size)  # every tapped state is the residual stream: [n, hidden_size]
+    device = target_model.lm_head.weight.device
+    own = [tuple(n) if n is not None else (last,) for n in needs]
+    union = tuple(sorted({i for n in own for i in n}))
+    columns: list[Tensor | None] = []
+    for n in own:
+        if n == union:
+            columns.append(None)
+            continue
+        starts = [union.index(i) * width for i in n]
+        columns.append(torch.cat([torch.arange(s, s + width, device=device) for s in starts]))
+    return union, columns
 
 
 class NodeStats:
@@ -52,14 +96,26 @@ class NodeStats:
 
 
 class Multi(Combiner):
-    """Shared plumbing: K EAGLE-2 proposers over the same target, all fed the same committed tokens."""
+    """Shared plumbing: K proposers (EAGLE-2 or EAGLE-3 drafters) over the same target, all fed the same committed
+    tokens, each with its own features (`features_for`)."""
 
     def __init__(self, drafters: NamedDrafters, target_model: Any, tree: TreeSettings,
                  head_dtype: str = "target") -> None:
         self.names = [n for n, _ in drafters]
-        self.proposers = [EagleProposer(d, target_model, tree, name=n, head_dtype=head_dtype) for n, d in drafters]
+        self.proposers: list[Member] = [member(n, d, target_model, tree, head_dtype) for n, d in drafters]
+        self.taps, self.columns = feature_plan(self.proposers, target_model)
         self.stats = NodeStats(self.names)
         self.choices: list[int] = []
+
+    def features_for(self, i: int, hidden: Tensor) -> Tensor:
+        """Member i's features out of what the engine handed the combiner (its columns, contiguous, in its order)."""
+        columns = self.columns[i]
+        return hidden if columns is None else hidden.index_select(-1, columns)
+
+    def draft(self, i: int, tokens: Tensor, hidden: Tensor, root: int) -> DraftTree:
+        """Member i's tree, drafted from its own features. Every member's tree holds target ids (EAGLE-3 members
+        map their draft vocabulary through d2t), so trees of different families compare and merge as they are."""
+        return self.proposers[i].propose(tokens, self.features_for(i, hidden), root)
 
     def reset(self) -> None:
         for p in self.proposers:

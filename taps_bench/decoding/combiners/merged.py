@@ -15,7 +15,8 @@ from taps_bench.decoding.tree import DraftTree
 
 
 def merge_trees(trees: list[DraftTree]) -> DraftTree:
-    """Hang every tree under one shared root: index offsets, `source` says which drafter proposed each node.
+    """Hang every tree under one shared root: index offsets, `source` says which drafter proposed each node. Trees
+    hold target ids whatever drafted them (an EAGLE-3 drafter's picks are mapped through d2t), so any mix merges.
 
     No node of one subtree is an ancestor of another's, so the ancestor mask is block-diagonal below the root:
     no attention across subtrees."""
@@ -64,7 +65,7 @@ class MergedTree(Multi):
         return cls(drafters, target_model, tree, budget=options.budget, head_dtype=head_dtype)
 
     def propose(self, tokens: Tensor, hidden: Tensor, root: int) -> DraftTree:
-        return merge_trees([p.propose(tokens, hidden, root) for p in self.proposers])
+        return merge_trees([self.draft(i, tokens, hidden, root) for i in range(len(self.proposers))])
 
     def observe(self, tree: DraftTree, accepted: list[int]) -> None:
         if len(accepted) > 1 and tree.source is not None:

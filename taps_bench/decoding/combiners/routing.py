@@ -54,8 +54,8 @@ class Routed(Multi):
     def propose(self, tokens: Tensor, hidden: Tensor, root: int) -> DraftTree:
         if self.chosen is not None:  # per prompt, decided: only the chosen drafter keeps drafting
             self.choices.append(self.chosen)
-            return self.proposers[self.chosen].propose(tokens, hidden, root)
-        trees = [p.propose(tokens, hidden, root) for p in self.proposers]
+            return self.draft(self.chosen, tokens, hidden, root)
+        trees = [self.draft(i, tokens, hidden, root) for i in range(len(self.proposers))]
         scores = [self.score(t) for t in trees]
         best = max(range(len(trees)), key=lambda i: scores[i] if self.higher_is_better else -scores[i])
         if self.granularity == "prompt":
