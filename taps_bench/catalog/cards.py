@@ -267,7 +267,7 @@ class DrafterForTarget(BaseModel):
 
 
 class DrafterCard(Card):
-    method: Literal["eagle1", "eagle2", "hass"]
+    method: Literal["eagle1", "eagle2", "hass", "eagle3"]
     corpus: str  # corpus spec the drafter was trained on, e.g. "mathinstruct" or "sharegpt:35k+mathinstruct:35k"
     targets: dict[str, DrafterForTarget]
     paper: str | None = None
@@ -275,6 +275,20 @@ class DrafterCard(Card):
     authors: list[str] = Field(default_factory=list)
     links: list[str] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)  # written by `taps-bench train`: data hashes, losses...
+    # The drafter's own default tree (EAGLE-3's published setups are deeper than EAGLE-2's 60/5/10): laid over its
+    # target card's tree, under whatever the command line sets (measure.resolve.tree_settings). Unset sizes keep the
+    # target card's. Combiners keep the target card's tree: their members' preferences may disagree.
+    tree: TreeOverride | None = None
+
+    @field_validator("tree")
+    @classmethod
+    def _sizes_only(cls, tree: TreeOverride | None) -> TreeOverride | None:
+        # `preset` (auto / paper) says how a user wants the tree chosen on this run; a card that set it would
+        # override the user's device-aware choice for every run of the drafter, so a card gives sizes only.
+        if tree is not None and tree.preset is not None:
+            raise ValueError("a drafter card's tree gives sizes only (total_tokens, depth, top_k); `preset` is "
+                             "chosen per run with --tree")
+        return tree
 
 
 class RecipeCard(Card):
@@ -282,12 +296,16 @@ class RecipeCard(Card):
 
     target: str
     corpus: str  # corpus spec, e.g. "mathinstruct:1200" or "sharegpt:600+mathinstruct:600"
-    method: Literal["eagle2", "hass"]
+    method: Literal["eagle2", "hass", "eagle3"]
     max_len: int = Field(512, ge=16)
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_tokens: int = Field(2048, ge=64)
     seed: int = 0
+    # EAGLE-3 only: how many steps training-time test unrolls the drafter on its own outputs (EAGLE-3 uses 7), and
+    # its draft vocabulary: N, "auto" (the FR-Spec rule of training/vocab.py over the recipe's corpus) or "full".
+    ttt_steps: int = Field(7, ge=1, le=16)
+    draft_vocab: int | Literal["auto", "full"] = "auto"
     expected_minutes: float | None = None  # measured on the project's 2-core CPU machine
 
 
@@ -320,7 +338,7 @@ class SubmissionCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    method: Literal["eagle2", "hass", "other"]
+    method: Literal["eagle2", "hass", "eagle3", "other"]
     target: str = Field(min_length=1)  # a registered target name; checked against the registry by `submit`
     checkpoint: ModelSource  # {path: DIR} (relative to the card's directory) or {hub: OWNER/REPO, revision: REV}
     training_data: str = Field(min_length=1)  # corpus and size, e.g. "MathInstruct, 70k conversations"

@@ -125,9 +125,10 @@ def run(obj: Context, proposer: ProposerSpec | None, tree: TreeOverride, draft_v
                                                                  tree))
     loaded = _load(session)
     _prepared(obj, session, loaded, checked, machine.progress)
-    shape, chosen = auto_tree(obj.registry, checked[0][0], loaded.target, tree_settings(loaded.target, tree),
-                              session.task, session.data_dir, session.sampling, allow_pickle, log=err,
-                              draft_vocab=draft_vocab)
+    # The drafter's card may prefer its own tree (EAGLE-3's are deeper): laid between the target card and the flags.
+    shape, chosen = auto_tree(obj.registry, checked[0][0], loaded.target,
+                              tree_settings(loaded.target, tree, obj.registry, checked[0][0]), session.task,
+                              session.data_dir, session.sampling, allow_pickle, log=err, draft_vocab=draft_vocab)
     built, label, settings = build_proposer(obj.registry, checked[0][0], loaded.target, shape, allow_pickle,
                                             draft_vocab, session.data_dir)
     if chosen:  # how the shape was chosen is provenance, not identity: the same shape given by hand is the same run

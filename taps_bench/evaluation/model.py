@@ -112,7 +112,7 @@ class TapsLM(TemplateLM):
             # lm-eval's requests are not a task card's prompts: an "auto" card decodes with its fallback tree here.
             override = TreeOverride(total_tokens=opt_int(total_tokens, "total_tokens"), depth=opt_int(depth, "depth"),
                                     top_k=opt_int(top_k, "top_k"))
-            tree = fixed_tree(loaded_target, tree_settings(loaded_target, override))
+            tree = fixed_tree(loaded_target, tree_settings(loaded_target, override, registry, spec))
             data = data_dir or os.environ.get("TAPS_BENCH_DATA")  # only read when a drafter must be built
             build_recipes(registry, recipes, loaded_target, Path(data) if data else None, self.show_progress)
             self.proposer, self.label, self.settings = build_proposer(registry, spec, loaded_target, tree,

@@ -75,8 +75,10 @@ class Workbench:
             entry, recipes = check_proposer(self.reg, cell.entry, target.card)
             build_recipes(self.reg, recipes, target, self.data_dir, show_progress=self.show_progress, log=self.log)
             # "auto" is chosen once per proposer, calibrated on the task of its first cell (at that temperature).
-            shape, _ = auto_tree(self.reg, entry, target, tree_settings(target, spec.tree), self.reg.task(cell.task),
-                                 self.data_dir, Sampling(temperature=cell.temperature, seed=cell.seed), log=self.log)
+            # A single drafter's card may prefer its own tree, under the spec's `tree` (tree_settings).
+            shape, _ = auto_tree(self.reg, entry, target, tree_settings(target, spec.tree, self.reg, entry),
+                                 self.reg.task(cell.task), self.data_dir,
+                                 Sampling(temperature=cell.temperature, seed=cell.seed), log=self.log)
             self._proposers[cell.entry] = build_proposer(self.reg, entry, target, shape)
         proposer, label, settings = self._proposers[cell.entry]
         task = self.reg.task(cell.task)

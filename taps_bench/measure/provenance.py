@@ -58,4 +58,6 @@ def collect(target: Target) -> dict[str, Any]:
         "platform": platform.platform(),
         "target_checkpoint": target.checkpoint,
         "target_checkpoint_sha256": target.checkpoint_hash,
+        # What "full" means in the leaderboard's draft-vocabulary column (provenance, so stored runs still match).
+        "target_vocab_size": int(target.model.config.vocab_size) if target.model is not None else None,
     }

@@ -3,7 +3,8 @@
 What is shown, and by which rules, is declared in `leaderboard/schema.yaml` (metrics, how each pools over tasks and
 is marked best, columns, which row kinds are ranked, what splits rows, which tasks are left out): this module only
 interprets it. Published numbers (`leaderboard/published.yaml`) are always labelled as such. Runs of one row on a
-task (repeats, or a later larger --limit) are pooled, each paired with its own autoregressive baseline."""
+task (repeats, or a later larger --limit) are pooled, each paired with its own autoregressive baseline. Row labels
+(`of: row` in the schema: drafter family, draft vocabulary) come from each row's stored settings and card."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from taps_bench.catalog.registry import Registry
 from taps_bench.results.metrics import acceptance_by_depth, summarize
 from taps_bench.results.oracle import oracle_samples
 from taps_bench.results.pairing import BASELINE_KEYS
@@ -23,10 +25,12 @@ from taps_bench.results.schema import canonical_json
 from taps_bench.results.store import Store
 from taps_bench.results.submissions import submissions, verified_label
 from taps_bench.results.summaries import summarize_pair
+from taps_bench.site.cards import drafter_card
 from taps_bench.site.schema import (  # noqa: F401  (re-exported: callers import the schema from here)
     KINDS,
     Column,
     Metric,
+    RowLabel,
     Schema,
     Task,
     data_dir,
@@ -65,7 +69,8 @@ class Row:
     source: str | None = None  # published rows: where the numbers come from
     published: dict[str, float] = field(default_factory=dict)
     published_metric: str = ""  # the metric the published numbers are of
-    values: dict[str, float | None] = field(default_factory=dict)
+    published_family: list[str] = field(default_factory=list)  # published rows: their drafters' families, as declared
+    values: dict[str, float | RowLabel | None] = field(default_factory=dict)  # RowLabel: the schema's row labels
     intervals: dict[str, list[float] | None] = field(default_factory=dict)  # speedup columns: 95% bootstrap CI
     slower: bool = False  # a speedup column's whole interval lies below 1.0 (summaries.slower_than_plain)
     slug: str = ""
@@ -150,8 +155,9 @@ def _task_result(pairs: list[tuple[dict[str, Any], list[dict[str, Any]], list[di
                       samples=spec, baseline=base)
 
 
-def collect(store: Store, schema: Schema | None = None) -> list[Board]:
-    """Every (target, temperature) board with its rows, computed from the stored samples."""
+def collect(store: Store, schema: Schema | None = None, reg: Registry | None = None) -> list[Board]:
+    """Every (target, temperature) board with its rows, computed from the stored samples. `reg`: where the family of
+    a registered drafter's rows is read when its runs recorded no card (see `row_labels`)."""
     schema = schema or load_schema()
     groups: dict[tuple[str, float], dict[tuple[str, str], dict[str, list]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
@@ -196,7 +202,7 @@ def collect(store: Store, schema: Schema | None = None) -> list[Board]:
         for row in rows:
             owner = f"|submission {row.submission.get('id')}" if row.submission is not None else ""
             row.slug = slugify(f"{target}|{temperature}|{row.name}|{row.note}{owner}")
-            row.values = _values(schema, columns, row, temperature == 0)
+            row.values = _values(schema, columns, row, temperature == 0, row_labels(row, reg))
         provs = [p for r in rows for p in r.provenance]
         hardware = sorted({f"{p.get('device_name', p.get('device', '?'))}, {p.get('threads', '?')} threads, "
                            f"{p.get('dtype', '?')}" for p in provs})
@@ -209,7 +215,7 @@ def collect(store: Store, schema: Schema | None = None) -> list[Board]:
             boards.append(Board(key[0], key[1], [], pub, [], [], *schema.columns_for(set())))
     for b in boards:
         for p in b.published:
-            p.values = _values(schema, b.columns, p, b.temperature == 0)
+            p.values = _values(schema, b.columns, p, b.temperature == 0, row_labels(p, reg))
     return boards
 
 
@@ -265,13 +271,16 @@ def metric_value(metric: Metric, result: TaskResult) -> float | None:
     return result.speedup.get("ratio_of_sums") if metric.compute == "speedup" else result.summary.get(metric.compute)
 
 
-def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool) -> dict[str, float | None]:
-    values: dict[str, float | None] = {}
+def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool,
+            labels: dict[str, RowLabel | None]) -> dict[str, float | RowLabel | None]:
+    values: dict[str, float | RowLabel | None] = {}
     whole: TaskResult | None = None  # the row's tasks as one, built on first use (it summarizes every sample again)
     for col in columns:
         metric = schema.metrics[col.metric]
         values[col.id], result = None, None  # `result`: the one summary the cell reads, if it reads one
-        if col.mean_of:
+        if metric.of == "row":
+            values[col.id] = labels.get(metric.compute)
+        elif col.mean_of:
             parts = [values.get(c) for c in col.mean_of]
             values[col.id] = sum(parts) / len(parts) if all(p is not None for p in parts) else None  # type: ignore
         elif row.kind == "published":  # numbers copied from a paper: only its metric, per task
@@ -313,9 +322,11 @@ def _published(schema: Schema) -> list[Row]:
         if table["metric"] not in schema.metrics:
             raise ValueError(f"published.yaml ({table['source']}): unknown metric {table['metric']}")
         for r in table["rows"]:
-            numbers = {k: float(v) for k, v in r.items() if k not in ("name", "drafter")}
+            numbers = {k: float(v) for k, v in r.items() if k not in ("name", "drafter", "family")}
+            family = r.get("family") or []  # one drafter's family id, or a list of them (a combination)
             row = Row(name=f"{table['target']}|{float(table['temperature']):g}|{r['name']}", kind="published",
-                      settings={}, source=table["source"], published=numbers, published_metric=table["metric"])
+                      settings={}, source=table["source"], published=numbers, published_metric=table["metric"],
+                      published_family=[family] if isinstance(family, str) else list(family))
             row.slug = slugify(row.name)
             rows.append(row)
     return rows
@@ -327,3 +338,93 @@ def _published_boards(rows: list[Row]) -> dict[tuple[str, float], list[Row]]:
         target, temperature, _ = row.name.split("|", 2)
         out[(target, float(temperature))].append(row)
     return out
+
+
+# -- row labels ---------------------------------------------------------------------------------------------------
+
+# The drafter families a stored value may name (a run's `drafter_family`, a card's `method`), as shown, in the order
+# they were published: a family column sorts by it. "other" is the word a submission card may use.
+FAMILIES = {"eagle1": "EAGLE-1", "eagle2": "EAGLE-2", "hass": "HASS", "eagle3": "EAGLE-3", "other": "other"}
+UNKNOWN_MEMBER = "?"  # a combiner's member whose family nothing stored says
+MAX_VOCAB = 2**31  # a larger stored "vocabulary size" is no vocabulary (bundles come from anybody)
+
+
+def row_labels(row: Row, reg: Registry | None = None) -> dict[str, RowLabel | None]:
+    """The schema's row labels (site.schema.ROW_LABELS) of `row`, read from stored data only: its settings, its
+    provenance, the card it shows (site.cards, which never reads a path a stored value names), and for the members
+    of a combiner measured here the registry's cards of their names. None: nothing stored says."""
+    return {"family": _family_label(_families(row, reg)), "draft_vocab": _draft_vocab(row)}
+
+
+def _family_id(value: Any) -> str | None:
+    # Only the known ids: stored text is never echoed into a label.
+    return value if isinstance(value, str) and value in FAMILIES else None
+
+
+def _families(row: Row, reg: Registry | None) -> list[str | None]:
+    """The family of each drafter of the row (None where unknown); empty when the row names no drafter."""
+    if row.kind == "published":
+        return [_family_id(f) for f in row.published_family]
+    if row.kind == "oracle":  # picks among drafters per question after the fact: no family of its own
+        return []
+    if row.kind == "combiner":
+        members = row.settings.get("drafters")
+        # A submitted row must not borrow the registry's word for a name it uses (site.cards says why).
+        lookup = reg if row.submission is None else None
+        return [_member_family(m, lookup) for m in members] if isinstance(members, list) else []
+    # What the run measured first (an EAGLE-3 checkpoint records it), else the method of the card the row shows:
+    # the EAGLE-1/2/HASS checkpoint format is one, so only a card tells those apart.
+    own = _family_id(row.settings.get("drafter_family"))
+    if own is None:
+        card, _ = drafter_card(reg, row)
+        own = _family_id(card.get("method")) if card else None
+    return [own]
+
+
+def _member_family(member: Any, reg: Registry | None) -> str | None:
+    if not isinstance(member, dict):
+        return None
+    own = _family_id(member.get("drafter_family"))
+    name = member.get("name")
+    if own is None and reg is not None and isinstance(name, str) and name in reg.cards["drafter"]:
+        own = _family_id(getattr(reg.cards["drafter"][name], "method", None))
+    return own
+
+
+def _family_label(families: list[str | None]) -> RowLabel | None:
+    """"EAGLE-3", or a combiner's members joined ("EAGLE-2 + HASS"); sorted by the members' families in order of
+    publication, member by member (one digit each)."""
+    if not any(families):
+        return None
+    order = list(FAMILIES)
+    text = " + ".join(FAMILIES[f] if f else UNKNOWN_MEMBER for f in families)
+    sort = sum((order.index(f) + 1 if f else 9) * 10.0 ** -i for i, f in enumerate(families))
+    return RowLabel(text, sort)
+
+
+def _vocab_size(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and number.is_integer() and 1 <= number < MAX_VOCAB else None
+
+
+def _draft_vocab(row: Row) -> RowLabel | None:
+    """The vocabulary the row's drafters score: "N" for a reduced one, "full (N)" for the target's whole vocabulary
+    (N: the target's size when the run's provenance records it), sorted by size."""
+    if row.kind in ("oracle", "published"):
+        return None
+    full = next((_vocab_size(p.get("target_vocab_size")) for p in row.provenance
+                 if isinstance(p, dict) and p.get("target_vocab_size") is not None), None)
+    settings = row.settings
+    reduced = settings.get("draft_vocab")
+    if row.kind == "drafter" and ("draft_vocab_size" in settings or reduced is not None):
+        # An EAGLE-3 drafter's own draft vocabulary (its d2t map), or an EAGLE-2/HASS run's reduced one (FR-Spec).
+        raw = settings["draft_vocab_size"] if "draft_vocab_size" in settings else \
+            reduced.get("size") if isinstance(reduced, dict) else None
+        size = _vocab_size(raw)
+        if size is None:
+            return None  # a stored size that is no size
+        if size != full:
+            return RowLabel(str(size), size)
+    # Neither: the full vocabulary (runs stored before reduced vocabularies too); combiners always draft over it
+    # (measure.resolve.build_proposer).
+    return RowLabel(f"full ({full})" if full else "full", full if full else math.inf)

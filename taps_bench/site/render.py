@@ -20,7 +20,17 @@ from taps_bench.results.report import spreadsheet_safe
 from taps_bench.results.schema import canonical_json
 from taps_bench.results.store import Store
 from taps_bench.site import charts
-from taps_bench.site.board import Board, Row, Schema, collect, load_schema, metric_value, pool_nodes, settings_line
+from taps_bench.site.board import (
+    Board,
+    Row,
+    RowLabel,
+    Schema,
+    collect,
+    load_schema,
+    metric_value,
+    pool_nodes,
+    settings_line,
+)
 from taps_bench.site.cards import drafter_card
 from taps_bench.site.publish import SiteFiles, publish
 
@@ -61,9 +71,14 @@ def _table_records(schema: Schema, board: Board) -> list[dict[str, Any]]:
                "settings": "" if row.kind == "published" else settings_line(row.settings),
                "source": row.source or "measured", "standing": "published" if row.kind == "published"
                else row.standing}
-        rec |= {c.id: row.values.get(c.id) for c in board.columns}
+        rec |= {c.id: _cell(row.values.get(c.id)) for c in board.columns}
         records.append(rec)
     return records
+
+
+def _cell(value: float | RowLabel | None) -> float | str | None:
+    """A table cell as the downloads hold it: a row label as the text the page shows, a number as it is."""
+    return value.text if isinstance(value, RowLabel) else value
 
 
 def _detail_records(schema: Schema, board: Board, row: Row) -> list[dict[str, Any]]:
@@ -141,7 +156,7 @@ def build(store: Store, out: Path, reg: Registry | None = None, title: str = "ta
     boards: list[Board] = []
 
     def render(files: SiteFiles) -> None:
-        boards.extend(collect(store, schema))
+        boards.extend(collect(store, schema, reg))
         _render(files, store, boards, schema, reg, title, warn or _stderr)
 
     publish(out, render)

@@ -4,6 +4,8 @@ row rules and ranking. `site.board` interprets it; a misspelt field or an unknow
 from __future__ import annotations
 
 import fnmatch
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +15,23 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from taps_bench.paths import shipped_dir
 
 KINDS = ("drafter", "combiner", "oracle", "published")  # the rows collect() makes; the schema says how each is treated
+ROW_LABELS = ("family", "draft_vocab")  # what a row label (`of: row`) may compute: see site.board.row_labels
+
+
+@dataclass(frozen=True)
+class RowLabel:
+    """A row label's cell: the text shown, and the number its column sorts by (None: sorts last).
+
+    The board page writes str() of every cell's value into `data-value`, which its sorting script reads as a number
+    (text in it would sort nothing), so str() is the sort key here and `Metric.format` shows the text."""
+
+    text: str
+    sort: float | None = None
+
+    def __str__(self) -> str:
+        if self.sort is None:
+            return ""
+        return "Infinity" if self.sort == math.inf else repr(self.sort)  # what JavaScript's parseFloat reads
 
 
 class Strict(BaseModel):
@@ -32,7 +51,10 @@ class Pool(Strict):  # how a metric is computed over every task of a row at once
 
 class Metric(Strict):
     label: str
-    compute: str  # a key of metrics.summarize's result, or "speedup"
+    compute: str  # a key of metrics.summarize's result, or "speedup"; of a row label, one of ROW_LABELS
+    # "samples": computed from a task's stored samples; "row": a label of the row's proposer (its drafter family, its
+    # draft vocabulary), read from the row's stored settings and card, the same on every task.
+    of: Literal["samples", "row"] = "samples"
     better: Literal["higher", "lower", "none"]
     digits: int = 2
     percent: bool = False
@@ -41,9 +63,20 @@ class Metric(Strict):
     mark_best: bool = True  # only where `better` is higher or lower
     definition: str
 
-    def format(self, value: float | None) -> str:
+    @model_validator(mode="after")
+    def _label(self) -> Metric:
+        if self.of == "row":
+            if self.compute not in ROW_LABELS:
+                raise ValueError(f"a row label computes one of {', '.join(ROW_LABELS)}, not {self.compute}")
+            if self.better != "none" or self.pool is not None:
+                raise ValueError(f"row label {self.compute} is no measure: it takes `better: none` and no pool")
+        return self
+
+    def format(self, value: float | RowLabel | None) -> str:
         if value is None:
             return "–"
+        if isinstance(value, RowLabel):
+            return value.text
         if self.percent:
             return f"{100 * value:.{self.digits}f}%"
         return f"{value:.{self.digits}f}{self.suffix}"
@@ -58,7 +91,7 @@ class Column(Strict):
     id: str
     label: str
     metric: str
-    task: str | None = None  # a task id, or "all" (every task pooled)
+    task: str | None = None  # a task id, or "all" (every task pooled); neither this nor mean_of for a row label
     mean_of: list[str] = []  # or: the mean of these columns (None unless all are present)
 
 
@@ -102,6 +135,10 @@ class Schema(Strict):
         for col in self.columns:
             if col.metric not in self.metrics:
                 raise ValueError(f"schema column {col.id}: unknown metric {col.metric}")
+            if self.metrics[col.metric].of == "row":  # one value per row: there is no task to read or average
+                if col.task is not None or col.mean_of:
+                    raise ValueError(f"schema column {col.id}: row label {col.metric} takes no task and no mean_of")
+                continue  # and is no column a mean may average (`seen` holds the measured ones)
             if col.task is not None and col.task != "all" and col.task not in tasks:
                 raise ValueError(f"schema column {col.id}: unknown task {col.task}")
             if bool(col.mean_of) == (col.task is not None) or not set(col.mean_of) <= seen:
@@ -113,6 +150,10 @@ class Schema(Strict):
                                                                    for m in k.pooled or [])]
         if unknown := sorted(set(named) - set(self.metrics)):
             raise ValueError(f"schema: unknown metrics {', '.join(unknown)}")
+        # Those are computed per task from samples; a row label has no per-task value.
+        if labels := sorted({m for m in named if self.metrics[m].of == "row"}):
+            raise ValueError(f"schema: row labels {', '.join(labels)} are no per-task metric (detail_columns, "
+                             "other_tasks, pooled)")
         return self
 
     def shows_pooled(self, kind: str, metric: str) -> bool:
