@@ -166,3 +166,10 @@ def test_run_takes_an_eagle3_checkpoint_directory(tmp_path, capsys, monkeypatch)
     rc = main(["--include", str(tmp_path), "run", "--target", "tiny-bytes8", "--drafter", str(tmp_path / "other"),
                "--task", "gsm8k", "--limit", "1", "--db", str(tmp_path / "r.sqlite"), "--no-progress"])
     assert rc == 2 and "vocabulary of 300 tokens, the target has 258" in capsys.readouterr().err
+
+    # --draft-vocab is for EAGLE-1/2/HASS drafters: an EAGLE-3 drafter's vocabulary is part of its weights.
+    rc = main(["--include", str(tmp_path), "run", "--target", "tiny-bytes8", "--drafter", str(tmp_path / "eagle3"),
+               "--task", "gsm8k", "--limit", "1", "--draft-vocab", "64", "--db", str(tmp_path / "r.sqlite"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "drafts over its own draft vocabulary of 100 tokens" in err and "Traceback" not in err

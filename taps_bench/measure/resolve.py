@@ -184,13 +184,36 @@ def _own_card(directory: Path) -> dict[str, Any] | None:
     return json.loads(json.dumps(data, default=str)) if isinstance(data, dict) else None
 
 
-def tree_settings(target: Target, override: TreeOverride | None = None) -> TreeSettings | Literal["auto"]:
-    """The target card's default tree, with whatever the user set laid over it; "auto" when it is to be chosen for
-    the device and drafter (`auto_tree`)."""
+def tree_settings(target: Target, override: TreeOverride | None = None, reg: Registry | None = None,
+                  spec: ProposerSpec | None = None) -> TreeSettings | Literal["auto"]:
+    """The tree a run uses: the target card's, with a single registered drafter's card `tree` laid over it (pass
+    `reg` and `spec`), with whatever the user set laid over that; "auto" when it is to be chosen for the device and
+    drafter (`auto_tree`). Combiners and checkpoint directories keep the target card's tree.
+
+    An "auto" target card stays "auto" unless the user fixes a shape: the drafter's preference is a size, and on
+    such a target the device decides sizes. `--tree paper` means the paper's tree, so it skips the drafter's too."""
+    user = override or TreeOverride()
+    base = target.card.tree
+    card = _tree_card(reg, spec)
+    fixes = bool(user.model_dump(exclude_none=True, exclude={"preset"}))
+    if card is not None and card.tree is not None and user.preset is None and (base != "auto" or fixes):
+        try:
+            base = card.tree.over(TreeSettings() if base == "auto" else base)
+        except UserError as exc:  # fits on its own (checked at card load) but not over this target's tree
+            raise UserError(f"drafter card {card.name} ({card.origin or 'registry'}): {exc}") from None
     try:
-        return (override or TreeOverride()).over(target.card.tree)
+        return user.over(base)
     except ValueError as exc:
         raise UserError(f"bad tree settings: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def _tree_card(reg: Registry | None, spec: ProposerSpec | None) -> DrafterCard | None:
+    """The registered card of a single-drafter spec, if any: a name that is a directory is a checkpoint given
+    directly (as `check_drafter` reads it), whose own card.yaml is no registry card."""
+    if reg is None or spec is None or not spec.drafter or Path(spec.drafter).is_dir():
+        return None
+    card = reg.cards["drafter"].get(spec.drafter)
+    return card if isinstance(card, DrafterCard) else None
 
 
 def fixed_tree(target: Target, shape: TreeSettings | Literal["auto"]) -> TreeSettings:
@@ -198,12 +221,18 @@ def fixed_tree(target: Target, shape: TreeSettings | Literal["auto"]) -> TreeSet
     return target.card.fallback_tree if shape == "auto" else shape
 
 
-def cost_model(reg: Registry, target: Target, draft_vocab: Setting = None,
-               data_dir: Path | None = None) -> tuple[Callable[[TreeSettings], Proposer], str]:
+def cost_model(reg: Registry, target: Target, draft_vocab: Setting = None, data_dir: Path | None = None,
+               proposer: Proposer | None = None) -> tuple[Callable[[TreeSettings], Proposer], str]:
     """What the device profile times drafting with: a random drafter of the target's shape (drafting cost does not
     depend on the weights) with the card's draft head and the run's draft vocabulary size; and the label that keys
-    the profile."""
+    the profile. An EAGLE-3 run's `proposer` is timed with its own drafter (its layer reads 2H inputs and its head
+    is its draft vocabulary), keyed by that vocabulary's size."""
     from taps_bench.models.drafter import random_drafter
+
+    if isinstance(proposer, Eagle3Proposer):
+        drafter = proposer.drafter
+        return (lambda tree: Eagle3Proposer(drafter, target.model, tree, name="cost")), \
+            f"eagle3 vocab={drafter.config.draft_vocab_size}"
 
     head = target.card.draft_head_dtype
     vocab = resolve_draft_vocab(reg, target, draft_vocab, None, data_dir, log=lambda _: None)
@@ -225,7 +254,7 @@ def tree_candidates(reg: Registry, spec: ProposerSpec, target: Target, task: Any
     norm = reg.normalise(spec)
     per_step = 1 if norm.combiner in (None, "average") or dict(norm.options).get("granularity") == "prompt" \
         else len(norm.names())
-    make, label = cost_model(reg, target, draft_vocab, data_dir)
+    make, label = cost_model(reg, target, draft_vocab, data_dir, calibration)
     prompts = autotree.calibration_prompts(target, task, data_dir)
     return autotree.choose(target, calibration, settings, make, label, per_step, prompts, sampling, log=log)
 
@@ -245,13 +274,15 @@ def auto_tree(reg: Registry, spec: ProposerSpec, target: Target, shape: TreeSett
 
 
 def eagle_proposer(resolved: ResolvedDrafter, target: Target, tree: TreeSettings,
-                   vocab: DraftVocab | None = None) -> tuple[EagleProposer, dict[str, Any]]:
+                   vocab: DraftVocab | None = None) -> tuple[EagleProposer | Eagle3Proposer, dict[str, Any]]:
     """The single-drafter proposer and the settings that identify it in the store."""
     if isinstance(resolved.drafter, Eagle3Drafter):  # drafts over its own vocabulary (d2t), from three layers
         c = resolved.drafter.config
         return Eagle3Proposer(resolved.drafter, target.model, tree, name=resolved.name), {
             "drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
-            "tree": tree.model_dump(), "drafter_family": "eagle3", "draft_vocab_size": c.draft_vocab_size}
+            "tree": tree.model_dump(), "drafter_family": "eagle3", "draft_vocab_size": c.draft_vocab_size,
+            # its head runs in the target's dtype (the card's draft_head_dtype is for EAGLE-1/2 heads)
+            "draft_head_dtype": "target"}
     settings = {"drafter_checkpoint": resolved.checkpoint, "drafter_sha256": resolved.checkpoint_sha256,
                 "tree": tree.model_dump(), "draft_head_dtype": target.card.draft_head_dtype}
     if vocab is not None:  # absent for the full vocabulary, so runs stored before reduced vocabularies still match
@@ -267,7 +298,8 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
     """(proposer, label stored with the run, settings that identify it). Every drafter must be loadable now (see
     `check_proposer` and `build_recipes` for the ones a recipe still has to build). `draft_vocab` (--draft-vocab;
     None: the target card's) picks a single drafter's reduced vocabulary from its corpus under `data_dir` (None:
-    $TAPS_BENCH_DATA); combiners draft over the full vocabulary."""
+    $TAPS_BENCH_DATA); a combiner's EAGLE-1/2/HASS members draft over the full vocabulary, EAGLE-3 drafters (alone
+    or in a combiner, mixed with the others or not) over their own draft vocabulary (d2t)."""
     spec = reg.normalise(spec)
     resolved = [load_for_target(reg, n, target, allow_pickle) for n in spec.names()]
     seen: dict[str, int] = {}
@@ -275,14 +307,15 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
         seen[r.name] = seen.get(r.name, 0) + 1
         if seen[r.name] > 1:
             r.name = f"{r.name}#{seen[r.name]}"
-    eagle3 = [r.name for r in resolved if isinstance(r.drafter, Eagle3Drafter)]
-    if eagle3 and not spec.drafter:
-        raise UserError(f"{eagle3[0]} is an EAGLE-3 drafter; combiners take EAGLE-1/2/HASS drafters only so far")
-    if eagle3:
-        proposer, settings = eagle_proposer(resolved[0], target, tree)
-        return proposer, resolved[0].name, settings
     if spec.drafter:
-        vocab = resolve_draft_vocab(reg, target, draft_vocab, resolved[0].card, data_dir)
+        vocab = None
+        if isinstance(resolved[0].drafter, Eagle3Drafter):
+            if draft_vocab not in (None, "full"):  # its vocabulary is part of its weights (d2t and its head)
+                raise UserError(f"{resolved[0].name} is an EAGLE-3 drafter: it drafts over its own draft vocabulary "
+                                f"of {resolved[0].drafter.config.draft_vocab_size} tokens; --draft-vocab is for "
+                                "EAGLE-1/2/HASS drafters (drop it)")
+        else:
+            vocab = resolve_draft_vocab(reg, target, draft_vocab, resolved[0].card, data_dir)
         proposer, settings = eagle_proposer(resolved[0], target, tree, vocab)
         proposer.run_provenance = resolved[0].provenance()  # runner.proposer_provenance: provenance, not identity
         return proposer, resolved[0].name, settings
@@ -290,8 +323,14 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
     head = target.card.draft_head_dtype
     proposer = reg.combiner(options.combiner).build(options, [(r.name, r.drafter) for r in resolved], target.model,
                                                     tree, head)
-    settings = {"combiner": options.combiner,
-                "drafters": [{"name": r.name, "checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256}
-                             for r in resolved],
+    # A member's family is marked only for EAGLE-3 (as a single EAGLE-3 drafter's settings mark it; absent means
+    # EAGLE-1/2/HASS), so combiner runs stored before EAGLE-3 members existed keep their identity.
+    members = []
+    for r in resolved:
+        entry: dict[str, Any] = {"name": r.name, "checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256}
+        if isinstance(r.drafter, Eagle3Drafter):
+            entry |= {"drafter_family": "eagle3", "draft_vocab_size": r.drafter.config.draft_vocab_size}
+        members.append(entry)
+    settings = {"combiner": options.combiner, "drafters": members,
                 "tree": tree.model_dump(), "draft_head_dtype": head, **options.settings()}
     return proposer, proposer.name, settings
