@@ -379,5 +379,6 @@ def test_tree_extend_taps_equal_transformers_hidden_states(family: str) -> None:
 def test_tap_outside_the_target_is_an_error() -> None:
     model = tiny_target("llama", vocab=97, hidden=64, layers=2)
     w = prepare(model)
+    # index 2 (= L) is the post-norm last hidden state, as in HF; 3 is outside
     with pytest.raises(ValueError, match=r"layers 0\.\.1"), torch.inference_mode():
-        prefill(w, torch.tensor([1, 2]), None, (2,))
+        prefill(w, torch.tensor([1, 2]), None, (3,))
