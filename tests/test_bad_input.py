@@ -22,8 +22,8 @@ from conftest import DATA
 from test_cli import fails
 from test_submit import CARD, CHAT, _byte_tokenizer
 
-from taps_bench.catalog.cards import SubmissionCard
 from taps_bench.catalog.registry import Registry
+from taps_bench.catalog.submission import SubmissionCard
 from taps_bench.cli import main
 from taps_bench.decoding.sampling import Sampling
 from taps_bench.errors import UserError

@@ -170,7 +170,7 @@ def test_the_page_shows_and_sorts_them_and_the_downloads_carry_them(store: Store
 
 
 def test_family_sorts_by_publication_then_member_by_member() -> None:
-    from taps_bench.site.board import _family_label
+    from taps_bench.site.labels import _family_label
 
     order = [["eagle1"], ["eagle2"], ["eagle2", "eagle3"], ["eagle2", None], ["hass"], ["hass", "hass"],
              ["eagle3"], [None, "eagle2"]]

@@ -290,7 +290,7 @@ def test_eagle3_recipes_share_the_hass_recipes_budget():
     reg = Registry.load()
     for kind in ("mathinstruct", "sharegpt", "mixed"):
         e3, hass = reg.recipe(f"{kind}-eagle3"), reg.recipe(f"{kind}-hass")
-        assert e3.method == "eagle3" and e3.ttt_steps == 7
+        assert e3.method == "eagle3" and e3.ttt_steps == 3  # as many passes as HASS
         budget = ("corpus", "max_len", "epochs", "lr", "batch_tokens", "target")
         assert {k: getattr(e3, k) for k in budget} == {k: getattr(hass, k) for k in budget}
         assert reg.drafter(f"{kind}-eagle3").targets[e3.target].recipe == e3.name

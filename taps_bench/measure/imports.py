@@ -92,7 +92,7 @@ def check_run_owner(run: dict[str, Any], card: dict[str, Any], where: str) -> No
 
 
 def describe_checkpoint(card: dict[str, Any]) -> str:
-    from taps_bench.catalog.cards import SubmissionCard
+    from taps_bench.catalog.submission import SubmissionCard
 
     return SubmissionCard.model_validate(card).checkpoint.describe()
 

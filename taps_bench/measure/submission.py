@@ -16,8 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from taps_bench.catalog.cards import SubmissionCard
 from taps_bench.catalog.registry import Registry
+from taps_bench.catalog.submission import SubmissionCard
 from taps_bench.errors import Interrupted, UserError
 from taps_bench.results.bundle import FORMAT, VERSION, card_json, read_card, run_record, write_json
 from taps_bench.results.store import Store

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taps_bench.catalog.cards import SubmissionCard, TreeSettings
+from taps_bench.catalog.cards import TreeSettings
 from taps_bench.catalog.registry import Registry
+from taps_bench.catalog.submission import SubmissionCard
 from taps_bench.errors import UserError
 from taps_bench.measure.imports import check_against_registry
 from taps_bench.measure.submission import check_fits, load_submitted

@@ -30,8 +30,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from taps_bench.catalog.cards import SubmissionCard
 from taps_bench.catalog.registry import read_yaml_mapping, validate_yaml
+from taps_bench.catalog.submission import SubmissionCard
 from taps_bench.errors import UserError
 from taps_bench.paths import write_atomic
 from taps_bench.results.claims import (

@@ -8,11 +8,8 @@ task (repeats, or a later larger --limit) are pooled, each paired with its own a
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -25,7 +22,8 @@ from taps_bench.results.schema import canonical_json
 from taps_bench.results.store import Store
 from taps_bench.results.submissions import submissions, verified_label
 from taps_bench.results.summaries import summarize_pair
-from taps_bench.site.cards import drafter_card
+from taps_bench.site.labels import row_labels
+from taps_bench.site.rows import Board, Row, TaskResult, finite_number, slugify
 from taps_bench.site.schema import (  # noqa: F401  (re-exported: callers import the schema from here)
     KINDS,
     Column,
@@ -47,76 +45,9 @@ def row_identity(schema: Schema, settings: dict[str, Any]) -> dict[str, Any]:
 # -- boards from the store ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class TaskResult:
-    summary: dict[str, Any]
-    speedup: dict[str, Any]
-    by_depth: list[dict[str, Any]]
-    decisions: dict[str, float]
-    nodes: dict[str, dict[str, float]]
-    runs: list[int]
-    samples: list[dict[str, Any]] = field(default_factory=list, repr=False)  # rekeyed per run (see _rekey)
-    baseline: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-
-@dataclass
-class Row:
-    name: str
-    kind: str  # drafter | combiner | oracle | published
-    settings: dict[str, Any]
-    tasks: dict[str, TaskResult] = field(default_factory=dict)
-    provenance: list[dict[str, Any]] = field(default_factory=list)
-    source: str | None = None  # published rows: where the numbers come from
-    published: dict[str, float] = field(default_factory=dict)
-    published_metric: str = ""  # the metric the published numbers are of
-    published_family: list[str] = field(default_factory=list)  # published rows: their drafters' families, as declared
-    values: dict[str, float | RowLabel | None] = field(default_factory=dict)  # RowLabel: the schema's row labels
-    intervals: dict[str, list[float] | None] = field(default_factory=dict)  # speedup columns: 95% bootstrap CI
-    slower: bool = False  # a speedup column's whole interval lies below 1.0 (summaries.slower_than_plain)
-    slug: str = ""
-    note: str = ""
-    submission: dict[str, Any] | None = None  # the submissions-table row that owns the row's runs; None: measured here
-    standing: str = "measured"  # results.submissions.verified_label of `submission`
-
-    @property
-    def ranked_standing(self) -> bool:
-        """Whether the row may win a best mark: measured here or verified; a claim nobody re-ran competes with
-        nothing."""
-        return self.standing == "measured" or self.standing.startswith("verified")
-
-
-@dataclass
-class Board:
-    target: str
-    temperature: float
-    rows: list[Row]
-    published: list[Row]
-    hardware: list[str]
-    settings: list[str]
-    columns: list[Column]  # the schema's, plus one per undeclared task of this board's rows
-    tasks: list[Task]  # the declared tasks, then the undeclared ones shown
-
-    @property
-    def slug(self) -> str:
-        return slugify(f"{self.target}-T{self.temperature:g}")
-
-
-def slugify(text: str) -> str:
-    """A file-name-safe slug; a short hash keeps names that differ only in punctuation (or markup) apart."""
-    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "x"
-    return f"{base}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
-
-
 def _rekey(samples: list[dict[str, Any]], run_id: int) -> list[dict[str, Any]]:
     # Samples of different runs (repeats) are different measurements of the same question: keep them apart.
     return [{**s, "example_id": f"{run_id}:{s['example_id']}"} for s in samples]
-
-
-def _number(value: Any) -> float | None:
-    """A finite real number from stored data, else None (a bool, a string or a NaN is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _nodes(sample: Any) -> list[tuple[str, float, float, float]]:
@@ -126,7 +57,7 @@ def _nodes(sample: Any) -> list[tuple[str, float, float, float]]:
     nodes = extra.get("nodes") if isinstance(extra, dict) else None
     out = []
     for key, v in (nodes.items() if isinstance(nodes, dict) else ()):
-        n, c, e = (_number(v.get(f)) if isinstance(v, dict) else None for f in ("n", "confidence", "entropy"))
+        n, c, e = (finite_number(v.get(f)) if isinstance(v, dict) else None for f in ("n", "confidence", "entropy"))
         if isinstance(key, str) and n is not None and n > 0 and c is not None and e is not None:
             out.append((key, n, c, e))
     return out
@@ -342,89 +273,3 @@ def _published_boards(rows: list[Row]) -> dict[tuple[str, float], list[Row]]:
 
 # -- row labels ---------------------------------------------------------------------------------------------------
 
-# The drafter families a stored value may name (a run's `drafter_family`, a card's `method`), as shown, in the order
-# they were published: a family column sorts by it. "other" is the word a submission card may use.
-FAMILIES = {"eagle1": "EAGLE-1", "eagle2": "EAGLE-2", "hass": "HASS", "eagle3": "EAGLE-3", "other": "other"}
-UNKNOWN_MEMBER = "?"  # a combiner's member whose family nothing stored says
-MAX_VOCAB = 2**31  # a larger stored "vocabulary size" is no vocabulary (bundles come from anybody)
-
-
-def row_labels(row: Row, reg: Registry | None = None) -> dict[str, RowLabel | None]:
-    """The schema's row labels (site.schema.ROW_LABELS) of `row`, read from stored data only: its settings, its
-    provenance, the card it shows (site.cards, which never reads a path a stored value names), and for the members
-    of a combiner measured here the registry's cards of their names. None: nothing stored says."""
-    return {"family": _family_label(_families(row, reg)), "draft_vocab": _draft_vocab(row)}
-
-
-def _family_id(value: Any) -> str | None:
-    # Only the known ids: stored text is never echoed into a label.
-    return value if isinstance(value, str) and value in FAMILIES else None
-
-
-def _families(row: Row, reg: Registry | None) -> list[str | None]:
-    """The family of each drafter of the row (None where unknown); empty when the row names no drafter."""
-    if row.kind == "published":
-        return [_family_id(f) for f in row.published_family]
-    if row.kind == "oracle":  # picks among drafters per question after the fact: no family of its own
-        return []
-    if row.kind == "combiner":
-        members = row.settings.get("drafters")
-        # A submitted row must not borrow the registry's word for a name it uses (site.cards says why).
-        lookup = reg if row.submission is None else None
-        return [_member_family(m, lookup) for m in members] if isinstance(members, list) else []
-    # What the run measured first (an EAGLE-3 checkpoint records it), else the method of the card the row shows:
-    # the EAGLE-1/2/HASS checkpoint format is one, so only a card tells those apart.
-    own = _family_id(row.settings.get("drafter_family"))
-    if own is None:
-        card, _ = drafter_card(reg, row)
-        own = _family_id(card.get("method")) if card else None
-    return [own]
-
-
-def _member_family(member: Any, reg: Registry | None) -> str | None:
-    if not isinstance(member, dict):
-        return None
-    own = _family_id(member.get("drafter_family"))
-    name = member.get("name")
-    if own is None and reg is not None and isinstance(name, str) and name in reg.cards["drafter"]:
-        own = _family_id(getattr(reg.cards["drafter"][name], "method", None))
-    return own
-
-
-def _family_label(families: list[str | None]) -> RowLabel | None:
-    """"EAGLE-3", or a combiner's members joined ("EAGLE-2 + HASS"); sorted by the members' families in order of
-    publication, member by member (one digit each)."""
-    if not any(families):
-        return None
-    order = list(FAMILIES)
-    text = " + ".join(FAMILIES[f] if f else UNKNOWN_MEMBER for f in families)
-    sort = sum((order.index(f) + 1 if f else 9) * 10.0 ** -i for i, f in enumerate(families))
-    return RowLabel(text, sort)
-
-
-def _vocab_size(value: Any) -> int | None:
-    number = _number(value)
-    return int(number) if number is not None and number.is_integer() and 1 <= number < MAX_VOCAB else None
-
-
-def _draft_vocab(row: Row) -> RowLabel | None:
-    """The vocabulary the row's drafters score: "N" for a reduced one, "full (N)" for the target's whole vocabulary
-    (N: the target's size when the run's provenance records it), sorted by size."""
-    if row.kind in ("oracle", "published"):
-        return None
-    full = next((_vocab_size(p.get("target_vocab_size")) for p in row.provenance
-                 if isinstance(p, dict) and p.get("target_vocab_size") is not None), None)
-    settings = row.settings
-    reduced = settings.get("draft_vocab")
-    if row.kind == "drafter" and ("draft_vocab_size" in settings or reduced is not None):
-        # An EAGLE-3 drafter's own draft vocabulary (its d2t map), or an EAGLE-2/HASS run's reduced one (FR-Spec).
-        raw = settings["draft_vocab_size"] if "draft_vocab_size" in settings else \
-            reduced.get("size") if isinstance(reduced, dict) else None
-        size = _vocab_size(raw)
-        if size is None:
-            return None  # a stored size that is no size
-        if size != full:
-            return RowLabel(str(size), size)
-    # Neither: the full vocabulary (runs stored before reduced vocabularies too); combiners always draft over it
-    # (measure.resolve.build_proposer).
-    return RowLabel(f"full ({full})" if full else "full", full if full else math.inf)

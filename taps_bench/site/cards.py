@@ -10,15 +10,13 @@ is checked before it is shown, since stored data may come from anybody's bundle;
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taps_bench.catalog.registry import Registry
 from taps_bench.results.schema import canonical_json
-
-if TYPE_CHECKING:  # site.board reads a row's card (its drafter family) through this module: no import cycle
-    from taps_bench.site.board import Row
+from taps_bench.site.rows import Row
 
 MAX_CARD_CHARS = 20_000  # a card's whole JSON text; larger is not a card, it is a payload
 MAX_DEPTH = 8
