@@ -126,3 +126,29 @@ def test_profile_is_measured_once_then_read_back(monkeypatch):
     autotree.cached_profile(target, make, "test", list(range(3, 40)), log=lambda _: None)
     assert len(calls) > n  # a damaged cache is measured again, never trusted
     assert json.loads(path.read_text())["key"]["target"] == "tiny"
+
+
+def test_calibration_and_profile_hand_an_eagle3_proposer_its_tapped_features():
+    """`--tree auto` runs the proposer through a recording wrapper and times it in the profile: both must see the
+    proposer's `taps` (an EAGLE-3 drafter reads three target layers, not the last hidden state), and the recorded
+    steps are those of a plain run with the same tree."""
+    from types import SimpleNamespace
+
+    from test_eagle3_decoding import drafter_for
+
+    from taps_bench.decoding.eagle3 import Eagle3Proposer
+    from taps_bench.decoding.engine import generate
+
+    model = tiny_target("llama", seed=4, layers=8)
+    drafter = drafter_for(model, 4, 40)
+    target = SimpleNamespace(model=model, name="tiny", stop_ids=(), checkpoint_hash="tiny", device=torch.device("cpu"),
+                             dtype=torch.float32)
+    tree = TreeSettings(total_tokens=12, depth=3, top_k=3)
+    prompts = [[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 6]]
+    steps = autotree.calibrate(target, Eagle3Proposer(drafter, model, tree), prompts, Sampling(), 16)
+    plain = sum(len(generate(model, p, Eagle3Proposer(drafter, model, tree), Sampling(), 16, ()).counters
+                    .accept_lengths) for p in prompts)
+    assert len(steps) == plain and any(len(s.accepted) > 1 for s in steps)
+    profile = autotree.measure_profile(target, lambda t: Eagle3Proposer(drafter, model, t), "eagle3 vocab=40",
+                                       list(range(1, 40)), repeats=1)
+    assert profile.draft_ms and all(ms > 0 for ms in profile.draft_ms.values())

@@ -179,6 +179,7 @@ class Recording:
 
     def __init__(self, inner: Proposer) -> None:
         self.inner, self.name, self.steps = inner, inner.name, []  # type: ignore[var-annotated]
+        self.taps = getattr(inner, "taps", None)  # the features the engine must hand it (engine.features)
 
     def reset(self) -> None:
         self.inner.reset()
