@@ -300,7 +300,11 @@ class RecipeCard(Card):
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_tokens: int = Field(2048, ge=64)
-    seed: int = 0
+    seed: int = 0  # the corpus selection and batch order
+    # The seed of the drafter's initial weights; absent: `seed`. The CPU recipes give each training domain its own
+    # (math 0, chat 1, mixed 2), so their drafters start from independent initialisations, as drafters trained by
+    # different people do; `sharegpt-hass-shared-init` shares the math recipe's to test weight averaging directly.
+    init_seed: int | None = None
     # EAGLE-3 only: how many steps training-time test unrolls the drafter on its own outputs (EAGLE-3 uses 7), and
     # its draft vocabulary: N, "auto" (the FR-Spec rule of training/vocab.py over the recipe's corpus) or "full".
     ttt_steps: int = Field(7, ge=1, le=16)

@@ -56,10 +56,13 @@ def build_drafter(reg: Registry, target: Target, name: str, spec: str, settings:
 
 
 def eagle3_start(reg: Registry, target: Target, spec: str, max_len: int, data_dir: Path, seed: int,
-                 draft_vocab: Setting, init: Drafter | Eagle3Drafter | None) -> tuple[Eagle3Drafter, dict[str, Any]]:
+                 draft_vocab: Setting, init: Drafter | Eagle3Drafter | None,
+                 init_seed: int | None = None) -> tuple[Eagle3Drafter, dict[str, Any]]:
     """The drafter EAGLE-3 training starts from, and what to record about its vocabulary. A fresh drafter drafts
     over the N most frequent target tokens among the corpus's loss-masked assistant tokens (FR-Spec, as EAGLE-3's
-    trainer chooses its d2t; "auto": the smallest round N covering 99%, training/vocab.py)."""
+    trainer chooses its d2t; "auto": the smallest round N covering 99%, training/vocab.py). `seed` selects the
+    corpus the vocabulary is counted over; `init_seed` (default `seed`) draws the initial weights."""
+    init_seed = seed if init_seed is None else init_seed
     if init is not None:
         if not isinstance(init, Eagle3Drafter):
             raise UserError("--init for EAGLE-3 training must be an EAGLE-3 drafter")
@@ -68,9 +71,9 @@ def eagle3_start(reg: Registry, target: Target, spec: str, max_len: int, data_di
     vocab = int(target.model.config.vocab_size)
     n = vocab if draft_vocab in (None, "full") else auto_size(counts) if draft_vocab == "auto" else int(draft_vocab)
     if n >= vocab:
-        return fresh_eagle3(target.model, None, seed), {"size": vocab, "coverage": 1.0, "asked": draft_vocab}
+        return fresh_eagle3(target.model, None, init_seed), {"size": vocab, "coverage": 1.0, "asked": draft_vocab}
     ids, coverage = draft_vocabulary(counts, n)
-    return fresh_eagle3(target.model, ids, seed), {"size": int(ids.numel()), "coverage": round(coverage, 6),
+    return fresh_eagle3(target.model, ids, init_seed), {"size": int(ids.numel()), "coverage": round(coverage, 6),
                                                    "asked": draft_vocab}
 
 
@@ -84,7 +87,8 @@ def _build(reg: Registry, target: Target, name: str, spec: str, settings: TrainS
     eagle3: dict[str, Any] = {}
     taps = None
     if settings.method == "eagle3":
-        init, vocab_info = eagle3_start(reg, target, spec, max_len, data_dir, settings.seed, draft_vocab, init)
+        init, vocab_info = eagle3_start(reg, target, spec, max_len, data_dir, settings.seed, draft_vocab, init,
+                                        settings.initial_seed)
         taps = aux_layers_for(init.config, int(target.model.config.num_hidden_layers))
         eagle3 = {"draft_vocab": vocab_info, "taps": list(taps), "ttt_steps": settings.ttt_steps}
     elif isinstance(init, Eagle3Drafter):
@@ -115,7 +119,8 @@ def _build(reg: Registry, target: Target, name: str, spec: str, settings: TrainS
             "steps": info["steps"], "tokens_seen": info["tokens_seen"],
             "train_seconds": round(info["train_seconds"], 1),
             "wall_seconds_this_session": round(time.time() - start, 1), "final": info["final"],
-            "history": info["history"], "settings": info["settings"], "seed": settings.seed, **eagle3,
+            "history": info["history"], "settings": info["settings"], "seed": settings.seed,
+            "init_seed": settings.initial_seed, **eagle3,
             "versions": {p: _version(p) for p in ("taps-bench", "torch", "transformers")},
             "machine": platform.platform(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
@@ -143,7 +148,7 @@ def epoch_summary(record: dict[str, Any]) -> str:
 
 def recipe_settings(recipe: RecipeCard) -> TrainSettings:
     return TrainSettings(method=recipe.method, epochs=recipe.epochs, lr=recipe.lr, batch_tokens=recipe.batch_tokens,
-                         seed=recipe.seed, ttt_steps=recipe.ttt_steps)
+                         seed=recipe.seed, init_seed=recipe.init_seed, ttt_steps=recipe.ttt_steps)
 
 
 def recipe_from_flags(reg: Registry, recipe: str | None, target: str, given: dict[str, Any]) -> RecipeCard:

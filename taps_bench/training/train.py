@@ -53,7 +53,11 @@ class TrainSettings:
     topk: int = 10  # HASS only
     align_steps: int = 3  # HASS only: forward passes per batch (1 = plain EAGLE training)
     ttt_steps: int = 7  # EAGLE-3 only: unrolled steps of training-time test (EAGLE-3 trains with 7)
-    seed: int = 0
+    seed: int = 0  # the corpus selection and the batch order
+    # The drafter's initial weights; None: `seed`. Separate from `seed` so that two drafters can share (or not) an
+    # initialisation while being trained on the same selection of their corpora: weight averaging is known to work
+    # only between models that share one, which the study tests directly.
+    init_seed: int | None = None
     # The vocabulary projection (target's lm_head) dominates a CPU training step. "auto" runs it in bfloat16 where
     # the hardware has bf16 matrix units (CUDA, or CPUs with AVX512-BF16/AMX: 3.6x faster here), else in float32;
     # softmaxes and losses are always float32. EAGLE and HASS train in bf16 mixed precision too.
@@ -62,6 +66,10 @@ class TrainSettings:
     # for head_dtype); weights, optimizer state and losses stay float32. tests/test_train.py checks the loss curve
     # against float32 training.
     autocast: Literal["auto", "off", "bfloat16"] = "auto"
+
+    @property
+    def initial_seed(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
 
     @property
     def steps_per_batch(self) -> int:
@@ -208,7 +216,7 @@ def train(drafter: Drafter | Eagle3Drafter | None, target_model: Any, seqs: list
     torch.manual_seed(s.seed)
     if drafter is None and s.method == "eagle3":
         raise ValueError("EAGLE-3 training starts from a given drafter (fresh_eagle3)")
-    drafter = drafter if drafter is not None else _fresh(target_model.config, s.seed)
+    drafter = drafter if drafter is not None else _fresh(target_model.config, s.initial_seed)
     # What the saved state belongs to: a resume with other settings or data would silently continue the wrong run.
     identity = json.dumps({"settings": asdict(s), "sequences": len(seqs),
                            "tokens": sum(int(q.ids.numel()) for q in seqs)}, sort_keys=True)
