@@ -322,7 +322,9 @@ def test_init_seed_draws_the_initial_weights_and_seed_the_rest(tiny, tmp_path):
         s = settings("eagle2", epochs=1, batch_tokens=40, seed=seed, init_seed=init_seed, lr=1e-12)
         starts[tag], _ = train(None, tiny, seqs, s, workdir(tmp_path / tag), show_progress=False)
     # lr 1e-12: the weights after one epoch are the initial weights to within rounding of a vanishing step
-    close = lambda x, y: all(torch.allclose(p, q, atol=1e-9) for p, q in zip(x.parameters(), y.parameters()))
+    def close(x, y) -> bool:
+        return all(torch.allclose(p, q, atol=1e-9) for p, q in zip(x.parameters(), y.parameters(), strict=True))
+
     assert close(starts["a"], starts["b"])
     assert not close(starts["a"], starts["c"])
 
