@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from byte_target import write_byte_target
 from conftest import DATA
 from test_cli import fails
-from test_submit import CARD, CHAT, _byte_tokenizer
+from test_submit import CARD
 
 from taps_bench.catalog.registry import Registry
 from taps_bench.catalog.submission import SubmissionCard
@@ -44,23 +44,10 @@ LONG = "x" * 5000
 def include(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Targets `tiny-bytes` (tree 4/1/2) and `tiny-small-vocab` (32 tokens: only its config matters here, the
     vocabulary check refuses it before a token is decoded), and a random drafter for each."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("bad-input")
-    tokenizer = _byte_tokenizer()
-    (root / "targets").mkdir()
-    for name, vocab in ((TARGET, len(tokenizer)), (SMALL, SMALL_VOCAB)):
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                             tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
-        LlamaForCausalLM(config).eval().save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    for name, vocab in ((TARGET, None), (SMALL, SMALL_VOCAB)):
+        config = write_byte_target(root, name, model_dir=name, vocab=vocab)
         save_drafter(random_drafter(config, 1, std=0.5), root / f"{name}-drafter")
-        (root / "targets" / f"{name}.yaml").write_text(json.dumps({
-            "name": name, "description": "a random 2-layer Llama (tests only)", "family": "llama",
-            "source": {"path": str(root / name)}, "chat_template": CHAT,
-            "tree": {"total_tokens": 4, "depth": 1, "top_k": 2}}))
     return root
 
 

@@ -15,11 +15,10 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-import torch
+from byte_target import write_byte_target
 from test_cli import fails, invoke
 from test_eagle3 import VOCAB, H, make_config, random_state, write_safeailab, write_speculators
 from test_eagle3_decoding import drafter_parts
-from test_submit import CHAT, _byte_tokenizer
 
 from taps_bench.catalog.cards import DrafterCard, TreeOverride, TreeSettings
 from taps_bench.catalog.proposers import ProposerSpec
@@ -229,23 +228,10 @@ def test_a_bad_tree_in_a_drafter_card_is_one_line(capsys: pytest.CaptureFixture[
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 8-layer Llama with a byte tokenizer (tree 8/3/2) and a registered EAGLE-3 drafter for it whose card
     prefers depth 4 and top-k 1."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("eagle3-cards")
-    tokenizer = _byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    config = write_byte_target(root, "tiny-bytes8", layers=8, tree={"total_tokens": 8, "depth": 3, "top_k": 2})
     write_safeailab(root / "eagle3", *drafter_parts(config, 3, 100))
-    (root / "targets").mkdir()
     (root / "drafters").mkdir()
-    (root / "targets" / "tiny-bytes8.yaml").write_text(json.dumps({
-        "name": "tiny-bytes8", "description": "a random 8-layer Llama with a byte tokenizer (tests only)",
-        "family": "llama", "source": {"path": str(root / "model")}, "chat_template": CHAT,
-        "tree": {"total_tokens": 8, "depth": 3, "top_k": 2}}))
     (root / "drafters" / "tiny-eagle3.yaml").write_text(json.dumps({
         "name": "tiny-eagle3", "description": "a random EAGLE-3 drafter (tests only)", "method": "eagle3",
         "corpus": "x", "tree": {"depth": 4, "top_k": 1},

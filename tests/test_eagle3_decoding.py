@@ -126,25 +126,14 @@ def test_run_takes_an_eagle3_checkpoint_directory(tmp_path, capsys, monkeypatch)
     target, decoded losslessly, and recorded as an EAGLE-3 drafter with its draft vocabulary."""
     import json
 
+    from byte_target import write_byte_target
     from conftest import DATA
     from test_eagle3 import write_safeailab
-    from test_submit import CHAT, _byte_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     from taps_bench.cli import main
 
-    tokenizer = _byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "targets").mkdir()
-    (tmp_path / "targets" / "tiny-bytes8.yaml").write_text(json.dumps({
-        "name": "tiny-bytes8", "description": "a random 8-layer Llama with a byte tokenizer (tests only)",
-        "family": "llama", "source": {"path": str(tmp_path / "model")}, "chat_template": CHAT,
-        "tree": {"total_tokens": 8, "depth": 3, "top_k": 2}}))
+    config = write_byte_target(tmp_path, "tiny-bytes8", layers=8, tree={"total_tokens": 8, "depth": 3, "top_k": 2})
     write_safeailab(tmp_path / "eagle3", *drafter_parts(config, 3, 100))
     monkeypatch.setenv("TAPS_BENCH_DATA", str(DATA))
     rc = main(["--include", str(tmp_path), "run", "--target", "tiny-bytes8", "--drafter", str(tmp_path / "eagle3"),

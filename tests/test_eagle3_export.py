@@ -183,22 +183,10 @@ TARGET = "tiny-bytes8"
 def bytes8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An --include directory with target `tiny-bytes8`: a random 8-layer Llama (EAGLE-3's default taps 2, 4, 5
     exist) of width 32 (what test_eagle3's `run_two_depths` feeds) with the byte tokenizer of test_submit."""
-    from test_submit import CHAT, _byte_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from byte_target import write_byte_target
 
     root = tmp_path_factory.mktemp("bytes8")
-    tokenizer = _byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "targets").mkdir()
-    (root / "targets" / f"{TARGET}.yaml").write_text(json.dumps({
-        "name": TARGET, "description": "a random 8-layer Llama with a byte tokenizer (tests only)", "family": "llama",
-        "source": {"path": str(root / "model")}, "chat_template": CHAT,
-        "tree": {"total_tokens": 8, "depth": 3, "top_k": 2}}))
+    write_byte_target(root, TARGET, layers=8, tree={"total_tokens": 8, "depth": 3, "top_k": 2})
     return root
 
 

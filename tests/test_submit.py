@@ -15,21 +15,19 @@ from typing import Any
 
 import pytest
 import torch
+from byte_target import write_byte_target
 from conftest import DATA
 
 from taps_bench.cli import main
 from taps_bench.errors import UserError
 from taps_bench.measure.submission import check_lossless
 from taps_bench.models.drafter import random_drafter, save_drafter
-from taps_bench.models.targets import _weights_digest
 from taps_bench.results.bundle import FORMAT, VERSION
 from taps_bench.results.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TARGET = "tiny-bytes"
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CARD = {
     "name": "tiny-hass",
     "method": "hass",
@@ -44,40 +42,11 @@ CARD = {
 FAST = ("--limit", "1", "--max-new-tokens", "4", "--no-progress")
 
 
-def _byte_tokenizer() -> Any:
-    """A byte-level tokenizer with no merges (256 byte tokens + 2 chat tokens): covers any prompt, needs no hub."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for special in ("<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>"])
-
-
 @pytest.fixture(scope="module")
 def include(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An --include directory registering the target `tiny-bytes`; its model directory holds config and weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("tiny-bytes")
-    tokenizer = _byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "targets").mkdir()
-    (root / "targets" / f"{TARGET}.yaml").write_text(json.dumps({
-        "name": TARGET, "description": "a random 2-layer Llama with a byte tokenizer (tests only)", "family": "llama",
-        "source": {"path": str(root / "model")}, "checkpoint_sha256": _weights_digest(model), "chat_template": CHAT,
-        "tree": {"total_tokens": 4, "depth": 1, "top_k": 2}}))
+    write_byte_target(root, TARGET, pin_checkpoint=True)
     return root
 
 
