@@ -318,7 +318,9 @@ BUILTIN_COMBINERS = ("average", "confidence", "entropy", "merged-tree")
 
 def drafter_suffix(card: dict[str, Any]) -> str:
     """Where a drafter resolves per target, as `list drafters` documents it: hub, path or recipe, and unconfirmed
-    hub names flagged."""
+    hub names flagged; a model-free drafter (prompt lookup) resolves to itself on any target."""
+    if card.get("model_free") is not None:
+        return " [model-free: any target]"
     where = []
     for target, entry in sorted(card["targets"].items()):
         source = entry.get("source")

@@ -61,6 +61,7 @@ class ModelSource(BaseModel):
 
 
 MAX_TREE_TOKENS, MAX_TREE_DEPTH, MAX_TOP_K = 512, 15, 64
+MAX_NGRAM = 32  # prompt lookup: the longest suffix n-gram it matches
 
 
 class TreeSettings(BaseModel):
@@ -265,10 +266,36 @@ class DrafterForTarget(BaseModel):
         return self
 
 
+class PromptLookup(BaseModel):
+    """The options of prompt-lookup decoding (PLD, `decoding/pld.py`): a model-free drafter that copies, after the
+    most recent earlier occurrence of the context's last n tokens, the `num_pred_tokens` tokens that followed it.
+
+    Defaults are those of the reference implementation (apoorvumang/prompt-lookup-decoding, which Spec-Bench's PLD
+    rows run: max_ngram_size=3, num_pred_tokens=10, n tried from 3 down to 1), so a PLD row here compares with
+    theirs; transformers' `prompt_lookup_num_tokens` is usually set to 10 as well. The chain is a tree of depth
+    num_pred_tokens, so it is bounded as trees are (MAX_TREE_DEPTH + 1 levels, what the engine verifies)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_ngram: int = Field(3, ge=1, le=MAX_NGRAM)
+    min_ngram: int = Field(1, ge=1, le=MAX_NGRAM)
+    num_pred_tokens: int = Field(10, ge=1, le=MAX_TREE_DEPTH + 1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PromptLookup:
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram {self.min_ngram} is more than max_ngram {self.max_ngram}; n-grams are "
+                             "tried from max_ngram down to min_ngram")
+        return self
+
+
 class DrafterCard(Card):
-    method: Literal["eagle1", "eagle2", "hass", "eagle3"]
-    corpus: str  # corpus spec the drafter was trained on, e.g. "mathinstruct" or "sharegpt:35k+mathinstruct:35k"
-    targets: dict[str, DrafterForTarget]
+    # pld: model-free (prompt lookup), with its options under `model_free`, no corpus, checkpoints or tree.
+    method: Literal["eagle1", "eagle2", "hass", "eagle3", "pld"]
+    # corpus spec the drafter was trained on, e.g. "mathinstruct" or "sharegpt:35k+mathinstruct:35k"
+    corpus: str | None = Field(None, validate_default=True)
+    targets: dict[str, DrafterForTarget] = Field(default_factory=dict, validate_default=True)
+    model_free: PromptLookup | None = Field(None, validate_default=True)
     paper: str | None = None
     license: str | None = None
     authors: list[str] = Field(default_factory=list)
@@ -279,9 +306,30 @@ class DrafterCard(Card):
     # target card's. Combiners keep the target card's tree: their members' preferences may disagree.
     tree: TreeOverride | None = None
 
+    @field_validator("corpus", "targets", "model_free")
+    @classmethod
+    def _kind_fits(cls, value: Any, info: ValidationInfo) -> Any:
+        # Field validators (not a model one), so that an error is located at the field that is wrong or missing.
+        method, name = info.data.get("method"), info.field_name
+        free, present = method == "pld", value is not None if name == "model_free" else bool(value)
+        if method is None or present == (free if name == "model_free" else not free):
+            return value  # an unknown method is the error to report; else the value fits the kind
+        if name == "model_free":
+            raise ValueError("method pld is model-free: give its options here (max_ngram, min_ngram, num_pred_tokens;"
+                             " `model_free: {}` for the defaults)" if value is None else
+                             f"only a model-free drafter (method pld) has options here, not method {method}")
+        if method == "pld":
+            raise ValueError(f"a model-free drafter (method pld) has no {name}: it is trained on nothing and needs "
+                             "no checkpoint, on any target; drop it")
+        what = "the corpus spec it was trained on" if name == "corpus" else "a checkpoint or recipe per target"
+        raise ValueError(f"Field required: a trained drafter (method {method}) needs {what}")
+
     @field_validator("tree")
     @classmethod
-    def _sizes_only(cls, tree: TreeOverride | None) -> TreeOverride | None:
+    def _sizes_only(cls, tree: TreeOverride | None, info: ValidationInfo) -> TreeOverride | None:
+        if tree is not None and info.data.get("method") == "pld":
+            raise ValueError("a model-free drafter drafts a chain of model_free.num_pred_tokens tokens; it has no "
+                             "tree: drop it")
         # `preset` (auto / paper) says how a user wants the tree chosen on this run; a card that set it would
         # override the user's device-aware choice for every run of the drafter, so a card gives sizes only.
         if tree is not None and tree.preset is not None:

@@ -259,7 +259,9 @@ class Registry:
         rows = []
         for n, c in sorted(self.cards[kind].items()):
             line = c.description.strip().splitlines()[0]
-            if isinstance(c, DrafterCard):  # where a name resolves: a drafter means a different checkpoint per target
+            if isinstance(c, DrafterCard) and c.model_free is not None:
+                line += " [model-free: any target]"
+            elif isinstance(c, DrafterCard):  # where a name resolves: a drafter means a different checkpoint per target
                 where = [f"{t} ({'hub' if e.source and e.source.hub else 'path' if e.source else 'recipe'}"
                          f"{'' if e.confirmed else ', unconfirmed'})" for t, e in sorted(c.targets.items())]
                 line += f" [{'; '.join(where)}]"

@@ -82,9 +82,12 @@ def _check(obj: Context, specs: list[ProposerSpec], allow_pickle: bool, build: b
            tree: TreeOverride | None = None) -> Any:
     """The check `open_session` runs once the target card is known: the tree laid over the card's (so that a bad
     combination fails before anything is printed or opened), specs validated, recipes collected."""
+    from taps_bench.measure.modelfree import refuse_tree_flags
     from taps_bench.measure.resolve import check_proposer
 
     def check(card: Any) -> None:
+        for spec in specs:  # first: sizes that cannot apply to a model-free drafter's chain need not fit the card
+            refuse_tree_flags(obj.registry, spec, tree)
         if tree is not None:
             tree.over(card.tree)
         for spec in specs:

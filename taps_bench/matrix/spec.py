@@ -23,6 +23,7 @@ from taps_bench.catalog.proposers import ProposerSpec
 from taps_bench.catalog.registry import Registry
 from taps_bench.catalog.yamlfiles import read_yaml_mapping, validate_yaml
 from taps_bench.errors import UserError
+from taps_bench.measure.modelfree import refuse_in_combiner
 from taps_bench.paths import shipped_dir
 from taps_bench.results.schema import canonical_json
 
@@ -118,6 +119,7 @@ def check(spec: MatrixSpec, reg: Registry) -> MatrixSpec:
     for i, entry in enumerate(spec.proposers):
         try:
             proposers.append(reg.normalise(entry))
+            refuse_in_combiner(reg, proposers[-1])  # `average` over a model-free drafter: no cell could run
         except UserError as exc:
             raise UserError(f"matrix {spec.name}: proposers[{i}]: {exc}") from None
     return spec.model_copy(update={"proposers": proposers})

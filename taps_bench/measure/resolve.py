@@ -21,6 +21,7 @@ import yaml
 from taps_bench.catalog.cards import (
     DrafterCard,
     DrafterForTarget,
+    PromptLookup,
     RecipeCard,
     TargetCard,
     TreeOverride,
@@ -30,8 +31,10 @@ from taps_bench.catalog.proposers import ProposerSpec
 from taps_bench.catalog.registry import Registry, parse_card
 from taps_bench.decoding.eagle2 import EagleProposer
 from taps_bench.decoding.eagle3 import Eagle3Proposer
+from taps_bench.decoding.pld import PromptLookupProposer
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.errors import UserError
+from taps_bench.measure import modelfree
 from taps_bench.models.drafter import Drafter, check_against_target, fetch_from_hub, load_drafter
 from taps_bench.models.eagle3 import Eagle3Drafter
 from taps_bench.models.eagle3_format import check_eagle3_against_target, detect_format, load_eagle3
@@ -43,7 +46,7 @@ from taps_bench.training.vocab import DraftVocab, Setting, resolve_draft_vocab
 @dataclass
 class ResolvedDrafter:
     name: str
-    drafter: Drafter | Eagle3Drafter
+    drafter: Drafter | Eagle3Drafter | PromptLookup  # a model-free drafter: its options (`measure.modelfree`)
     checkpoint: str  # where it was read from
     checkpoint_sha256: str
     card: DrafterCard | None
@@ -60,6 +63,8 @@ class ResolvedDrafter:
 
 def _entry(reg: Registry, name: str, target_name: str) -> tuple[DrafterCard, DrafterForTarget]:
     card = reg.drafter(name)
+    if card.model_free is not None:
+        raise UserError(f"drafter '{name}' is model-free (prompt lookup): it has no checkpoint, for any target")
     entry = card.targets.get(target_name)
     if entry is None:
         raise UserError(f"drafter '{name}' has no checkpoint for target '{target_name}' (it has: "
@@ -81,6 +86,8 @@ def check_drafter(reg: Registry, name: str, target: TargetCard, allow_pickle: bo
     Returns the recipe that must build it first when it is a registered recipe drafter not built yet, else None."""
     if Path(name).is_dir():
         load_any(Path(name), allow_pickle)
+        return None
+    if modelfree.options_of(reg, name) is not None:  # nothing to build or load, on any target
         return None
     if built(target.name, name):
         return None
@@ -112,6 +119,7 @@ def check_proposer(reg: Registry, spec: ProposerSpec, target: TargetCard, allow_
     """The spec with its options validated and complete, and the recipes whose drafters must be built before
     `build_proposer` can load them. `build=False` (--no-build) refuses an unbuilt recipe drafter instead."""
     spec = reg.normalise(spec)
+    modelfree.refuse_in_combiner(reg, spec)
     recipes = []
     for name in spec.names():
         recipe = check_drafter(reg, name, target, allow_pickle)
@@ -163,6 +171,9 @@ def drafter_location(reg: Registry, name: str, target: Target) -> tuple[Path, st
 
 
 def load_for_target(reg: Registry, name: str, target: Target, allow_pickle: bool = False) -> ResolvedDrafter:
+    if (options := modelfree.options_of(reg, name)) is not None:
+        return ResolvedDrafter(name=name, drafter=options, checkpoint=f"model-free:{modelfree.FAMILY}",
+                               checkpoint_sha256="", card=reg.drafter(name))
     directory, where, card = drafter_location(reg, name, target)
     drafter, weights = load_any(directory, allow_pickle)
     if isinstance(drafter, Eagle3Drafter):
@@ -191,7 +202,10 @@ def tree_settings(target: Target, override: TreeOverride | None = None, reg: Reg
     drafter (`auto_tree`). Combiners and checkpoint directories keep the target card's tree.
 
     An "auto" target card stays "auto" unless the user fixes a shape: the drafter's preference is a size, and on
-    such a target the device decides sizes. `--tree paper` means the paper's tree, so it skips the drafter's too."""
+    such a target the device decides sizes. `--tree paper` means the paper's tree, so it skips the drafter's too.
+    A model-free drafter's tree is its chain, whatever is set (`measure.modelfree`)."""
+    if (options := modelfree.single(reg, spec) if reg is not None else None) is not None:
+        return modelfree.chain_tree(options)
     user = override or TreeOverride()
     base = target.card.tree
     card = _tree_card(reg, spec)
@@ -249,6 +263,9 @@ def tree_candidates(reg: Registry, spec: ProposerSpec, target: Target, task: Any
     """Every tree shape ranked by predicted speedup for this proposer on this device, and the device profile."""
     from taps_bench.measure import autotree
 
+    if (options := modelfree.single(reg, spec)) is not None:
+        raise UserError(f"drafter '{spec.drafter}' is model-free: it drafts a chain of up to {options.num_pred_tokens} "
+                        "tokens, so there is no tree shape to choose for it")
     calibration, _, settings = build_proposer(reg, spec, target, autotree.CALIBRATION_TREE, allow_pickle,
                                               draft_vocab, data_dir)
     norm = reg.normalise(spec)
@@ -307,6 +324,12 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
         seen[r.name] = seen.get(r.name, 0) + 1
         if seen[r.name] > 1:
             r.name = f"{r.name}#{seen[r.name]}"
+    if spec.drafter and isinstance(resolved[0].drafter, PromptLookup):  # drafts its chain whatever `tree` says
+        if draft_vocab not in (None, "full"):
+            raise UserError(f"drafter '{spec.drafter}' is model-free: it copies target tokens and scores no "
+                            "vocabulary; --draft-vocab is for EAGLE-1/2/HASS drafters (drop it)")
+        return PromptLookupProposer(resolved[0].drafter, name=resolved[0].name), resolved[0].name, \
+            modelfree.run_settings(resolved[0].drafter)
     if spec.drafter:
         vocab = None
         if isinstance(resolved[0].drafter, Eagle3Drafter):
@@ -319,14 +342,18 @@ def build_proposer(reg: Registry, spec: ProposerSpec, target: Target, tree: Tree
         proposer, settings = eagle_proposer(resolved[0], target, tree, vocab)
         proposer.run_provenance = resolved[0].provenance()  # runner.proposer_provenance: provenance, not identity
         return proposer, resolved[0].name, settings
+    modelfree.refuse_in_combiner(reg, spec)  # check_proposer did; a direct caller is told too
     options = reg.combiner_options(spec)
     head = target.card.draft_head_dtype
     proposer = reg.combiner(options.combiner).build(options, [(r.name, r.drafter) for r in resolved], target.model,
                                                     tree, head)
-    # A member's family is marked only for EAGLE-3 (as a single EAGLE-3 drafter's settings mark it; absent means
-    # EAGLE-1/2/HASS), so combiner runs stored before EAGLE-3 members existed keep their identity.
+    # A member's family is marked only for EAGLE-3 and model-free drafters (as a single one's settings mark it;
+    # absent means EAGLE-1/2/HASS), so combiner runs stored before those members existed keep their identity.
     members = []
     for r in resolved:
+        if isinstance(r.drafter, PromptLookup):  # no checkpoint: its options identify it
+            members.append({"name": r.name, **modelfree.identity(r.drafter)})
+            continue
         entry: dict[str, Any] = {"name": r.name, "checkpoint": r.checkpoint, "sha256": r.checkpoint_sha256}
         if isinstance(r.drafter, Eagle3Drafter):
             entry |= {"drafter_family": "eagle3", "draft_vocab_size": r.drafter.config.draft_vocab_size}

@@ -13,7 +13,8 @@ from taps_bench.site.schema import RowLabel
 
 # The drafter families a stored value may name (a run's `drafter_family`, a card's `method`), as shown, in the order
 # they were published: a family column sorts by it. "other" is the word a submission card may use.
-FAMILIES = {"eagle1": "EAGLE-1", "eagle2": "EAGLE-2", "hass": "HASS", "eagle3": "EAGLE-3", "other": "other"}
+FAMILIES = {"eagle1": "EAGLE-1", "eagle2": "EAGLE-2", "hass": "HASS", "eagle3": "EAGLE-3", "other": "other",
+            "pld": "PLD (model-free)"}
 UNKNOWN_MEMBER = "?"  # a combiner's member whose family nothing stored says
 MAX_VOCAB = 2**31  # a larger stored "vocabulary size" is no vocabulary (bundles come from anybody)
 

@@ -2,7 +2,9 @@
 
 The drafters may be EAGLE-1/2/HASS or EAGLE-3 ones, in any mix: one target forward per step serves them all
 (`base.Multi` declares the union of the target states its members read and hands each its own), every tree holds
-target token ids, and the target verifies over its full vocabulary, so every combiner stays lossless.
+target token ids, and the target verifies over its full vocabulary, so every combiner stays lossless. The routing
+and merged-tree combiners also take model-free drafters (prompt lookup, `decoding.pld`), which read nothing of the
+target; `average` refuses them (no weights to average).
 
 A combiner is one class with a typed options model (`Options`, a `CombinerOptions` subclass whose `combiner` field
 is the combiner's name) and a `build(options, drafters, target_model, tree, head_dtype) -> Proposer` classmethod.

@@ -111,6 +111,10 @@ class Average(Combiner):
     def build(cls, options: Any, drafters: NamedDrafters, target_model: Any, tree: TreeSettings,
               head_dtype: str = "target") -> Proposer:
         (name_a, a), (name_b, b) = drafters
+        for name, d in drafters:  # the registry refuses this before loading anything; a direct caller gets it here
+            if not isinstance(d, (Drafter, Eagle3Drafter)):
+                raise UserError(f"combiner average: drafter '{name}' is model-free (prompt lookup): it has no weights "
+                                "to average; combine it with confidence, entropy or merged-tree instead")
         label = f"average({name_a},{name_b};alpha={options.alpha:g})"
         merged = average_weights(a, b, options.alpha)
         if isinstance(merged, Eagle3Drafter):

@@ -1,11 +1,13 @@
 """What every combiner is, and the plumbing of those that run several proposers side by side.
 
-A member is an `EagleProposer` (EAGLE-1/2/HASS drafter: reads the target's post-norm last hidden state) or an
-`Eagle3Proposer` (EAGLE-3 drafter: reads the states entering three target layers). The engine runs one target
-forward per step for the whole combiner, so a combiner with an EAGLE-3 member declares `taps`: the sorted union of
-what its members read, in HF `hidden_states` indices, where index L (the number of target layers) is the post-norm
-last hidden state. Each member is then handed its own columns of those concatenated states, in its own order. A
-combiner of EAGLE-2-style drafters only declares no taps and hands every member the engine's features untouched.
+A member is an `EagleProposer` (EAGLE-1/2/HASS drafter: reads the target's post-norm last hidden state), an
+`Eagle3Proposer` (EAGLE-3 drafter: reads the states entering three target layers) or a model-free
+`PromptLookupProposer` (reads nothing of the target, drafts within the combiner's node budget). The engine runs one
+target forward per step for the whole combiner, so a combiner with an EAGLE-3 member declares `taps`: the sorted
+union of what its members read, in HF `hidden_states` indices, where index L (the number of target layers) is the
+post-norm last hidden state. Each member is then handed its own columns of those concatenated states, in its own
+order. A combiner of EAGLE-2-style drafters only declares no taps and hands every member the engine's features
+untouched (a model-free member counts as one of those: it is handed the last hidden state and ignores it).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from taps_bench.catalog.cards import TreeSettings
+from taps_bench.catalog.cards import PromptLookup, TreeSettings
 from taps_bench.catalog.proposers import CombinerOptions
 from taps_bench.decoding.eagle2 import EagleProposer
 from taps_bench.decoding.eagle3 import Eagle3Proposer
+from taps_bench.decoding.pld import PromptLookupProposer
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.tree import DraftTree
 from taps_bench.models.drafter import Drafter
 from taps_bench.models.eagle3 import Eagle3Drafter
 
-NamedDrafters = list[tuple[str, Drafter | Eagle3Drafter]]
-Member = EagleProposer | Eagle3Proposer
+# A drafter is a checkpoint of either family, or a model-free drafter's options (prompt lookup).
+NamedDrafters = list[tuple[str, Drafter | Eagle3Drafter | PromptLookup]]
+Member = EagleProposer | Eagle3Proposer | PromptLookupProposer
 
 
 class Combiner:
@@ -35,6 +39,9 @@ class Combiner:
 
     combiner_name: ClassVar[str]
     Options: ClassVar[type[CombinerOptions]]
+    # Whether `build` takes model-free drafters (a `PromptLookup` in place of a checkpoint): those that run members
+    # side by side (`Multi`) do; one that needs weights (`average`) does not, and the registry refuses it one.
+    model_free_members: ClassVar[bool] = False
 
     @classmethod
     def build(cls, options: Any, drafters: NamedDrafters, target_model: Any, tree: TreeSettings,
@@ -42,10 +49,13 @@ class Combiner:
         raise NotImplementedError
 
 
-def member(name: str, drafter: Drafter | Eagle3Drafter, target_model: Any, tree: TreeSettings,
+def member(name: str, drafter: Drafter | Eagle3Drafter | PromptLookup, target_model: Any, tree: TreeSettings,
            head_dtype: str = "target") -> Member:
     """The single-drafter proposer of a drafter of either family (the head dtype only applies to EAGLE-2 heads,
-    which are the target's lm_head; an EAGLE-3 drafter has its own)."""
+    which are the target's lm_head; an EAGLE-3 drafter has its own), or of a model-free one, whose chain keeps to
+    the tree's node budget (total_tokens - 1 drafted nodes, as every member's tree does)."""
+    if isinstance(drafter, PromptLookup):
+        return PromptLookupProposer(drafter, name=name, max_tokens=tree.total_tokens - 1)
     if isinstance(drafter, Eagle3Drafter):
         return Eagle3Proposer(drafter, target_model, tree, name=name)
     return EagleProposer(drafter, target_model, tree, name=name, head_dtype=head_dtype)
@@ -96,8 +106,10 @@ class NodeStats:
 
 
 class Multi(Combiner):
-    """Shared plumbing: K proposers (EAGLE-2 or EAGLE-3 drafters) over the same target, all fed the same committed
-    tokens, each with its own features (`features_for`)."""
+    """Shared plumbing: K proposers (EAGLE-2, EAGLE-3 or model-free drafters) over the same target, all fed the same
+    committed tokens, each with its own features (`features_for`)."""
+
+    model_free_members = True
 
     def __init__(self, drafters: NamedDrafters, target_model: Any, tree: TreeSettings,
                  head_dtype: str = "target") -> None:
