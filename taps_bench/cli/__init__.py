@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from taps_bench.cli import catalog, decode, export, lm_eval, matrix, profile, results, submit, train  # noqa: F401
+from taps_bench.cli import catalog, decode, export, lm_eval, matrix, profile, report, results, submit, train  # noqa: F401
 from taps_bench.cli.app import cli
 from taps_bench.errors import Interrupted, UserError
 

@@ -6,8 +6,12 @@ read, so hand-written dicts work too). Notation, for a set of samples S, where a
 j the accepted draft length a_{s,j} (bonus token excluded):
 
 - V = sum_s len(accept_lengths_s)                       verify steps (the prefill is not a verify step)
-- tau = sum_s n_s / sum_s m_s                           acceptance length, EAGLE's and the paper's convention;
-                                                        it counts the bonus token, so plain decoding gives 1.00
+- tau = sum_s n_s / sum_s m_s                           acceptance length, taps-bench's count: every target
+                                                        forward is a step, the prefill too; it counts the bonus
+                                                        token, so plain decoding gives 1.00
+- tau_eagle = sum_s n_s / V                             the same tokens over verify steps only (the prefill not a
+                                                        step): how EAGLE's evaluation and the paper count it, a few
+                                                        percent above tau at short lengths; None when V = 0
 - tau_macro = mean_q ( sum_{s in q} n_s / sum_{s in q} m_s )
                                                         HASS's convention: a question q is one example_id with all
                                                         its turns pooled; questions with no steps are skipped
@@ -109,8 +113,8 @@ def tau_macro(samples: Iterable[Sample]) -> float | None:
 def summarize(samples: Iterable[Sample]) -> dict[str, Any]:
     """All per-run metrics from a run's samples (formulas in the module docstring).
 
-    Keys: n_samples, n_questions, new_tokens, steps, verify_steps, tau, tau_macro, mean_accept_length (mean of
-    accept_lengths, bonus excluded), tokens_per_s, wall_s (sum of total_s), prefill_s, draft_s, verify_s,
+    Keys: n_samples, n_questions, new_tokens, steps, verify_steps, tau, tau_eagle, tau_macro, mean_accept_length
+    (mean of accept_lengths, bonus excluded), tokens_per_s, wall_s (sum of total_s), prefill_s, draft_s, verify_s,
     overhead_s (= wall_s - prefill_s - draft_s - verify_s), acceptance_by_depth (see `acceptance_by_depth`),
     acceptance_histogram ({accepted length: number of verify steps}), accuracy (mean of `correct` over graded
     samples, None when none is graded), n_graded, lossless_rate (mean of `lossless` over checked samples, None when
@@ -133,6 +137,7 @@ def summarize(samples: Iterable[Sample]) -> dict[str, Any]:
         "steps": steps,
         "verify_steps": len(lengths),
         "tau": _div(new_tokens, steps),
+        "tau_eagle": _div(new_tokens, len(lengths)),
         "tau_macro": tau_macro(samples),
         "mean_accept_length": _mean(lengths),
         "tokens_per_s": _div(new_tokens, wall),
