@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import REPO
 
 from taps_bench.catalog.proposers import ProposerSpec as Entry
 from taps_bench.catalog.registry import Registry
@@ -94,13 +95,42 @@ def test_shipped_specs_validate_against_the_registry() -> None:
     from taps_bench.matrix.spec import check
 
     reg = Registry.load()
-    for name in ("cpu-small", "paper"):
-        spec = load_spec(find_spec(name))
+    for path in sorted((REPO / "matrices").glob("*.yaml")):
+        spec = load_spec(path)
         check(spec, reg)
-        assert len(plan(spec)) >= 2 * 4 * 2
+        assert len(plan(spec)) >= 2 * 4, path.name
     cpu = load_spec(find_spec("cpu-small"))
     assert {e.combiner for e in cpu.proposers if e.combiner} >= {"confidence", "merged-tree"}
     assert cpu.temperatures == [0.0, 1.0] and set(cpu.tasks) == {"mt-bench", "gsm8k", "math500", "svamp"}
+
+
+def test_the_study_matrix_covers_the_papers_design() -> None:
+    """taps-cpu: math, chat and mixed drafters of every trained method, each name known to the registry for the
+    target, the paper's combiners, PLD, both temperatures, all four tasks, and averaging over both initialisations."""
+    from taps_bench.matrix.spec import check
+    from taps_bench.training.build import recipe_settings
+
+    reg = Registry.load()
+    spec = check(load_spec(find_spec("taps-cpu")), reg)
+    (target,) = spec.targets
+    singles = [e.drafter for e in spec.proposers if e.drafter]
+    for method in ("eagle2", "hass", "eagle3"):
+        assert {f"{d}-{method}" for d in ("mathinstruct", "sharegpt", "mixed")} <= set(singles), method
+    for name in {n for e in spec.proposers for n in e.names()}:  # a model-free drafter (pld) runs on any target
+        assert reg.drafter(name).model_free is not None or target in reg.drafter(name).targets, name
+    combos = {(e.combiner, dict(e.options).get("granularity") or dict(e.options).get("budget"), e.drafters)
+              for e in spec.proposers if e.combiner}
+    pair = ("mathinstruct-hass", "sharegpt-hass")
+    for kind in (("confidence", "step"), ("confidence", "prompt"), ("entropy", "step"), ("entropy", "prompt"),
+                 ("merged-tree", "full"), ("merged-tree", "equal")):
+        assert (*kind, pair) in combos, kind
+    averaged = [e.drafters for e in spec.proposers if e.combiner == "average"]
+    assert set(averaged) == {pair, ("mathinstruct-hass", "sharegpt-hass-shared-init")}
+    seeds = {n: recipe_settings(reg.recipe(n)).initial_seed for n in {n for d in averaged for n in d}}
+    assert seeds["mathinstruct-hass"] == seeds["sharegpt-hass-shared-init"] != seeds["sharegpt-hass"]
+    assert "pld" in singles
+    assert spec.temperatures == [0.0, 1.0] and set(spec.tasks) == {"mt-bench", "gsm8k", "math500", "svamp"}
+    assert spec.baseline
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
