@@ -2,11 +2,16 @@
 Chromium (Debian's package, driven by Playwright). Checks what a reader sees: the tables' rows, drawn charts,
 working links, a quiet console, sorting, and a hostile drafter name and description shown as text, never run.
 Two submissions of one drafter's runs (one verified, one not) show as rows of their own with their standing.
-The screenshot lands in test-output/leaderboard.png."""
+The reading aids: every cell's n and interval (hover text and whisker), ranks that intervals share, the per-task
+pages opened from the column headers, the filters, the reproduce commands; and no page or download holds the
+database's URL or any absolute local path. The screenshot lands in test-output/leaderboard.png."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +25,7 @@ from taps_bench.cli import main
 from taps_bench.results.bundle import run_record
 from taps_bench.results.store import Store, as_url
 from taps_bench.results.submissions import insert, record_verification
+from taps_bench.site.stats import interval_ranks
 
 pytestmark = [pytest.mark.smollm, pytest.mark.usefixtures("one_thread")]
 
@@ -65,6 +71,22 @@ def add_submissions(db: Path, proposer: str) -> None:
                 record_verification(store, sid, check)
 
 
+FAST = "fast-fake"
+
+
+def add_fast_drafter(db: Path, source: str = "math-rand") -> None:
+    """A made-up drafter at T=0: `source`'s runs of every task stored again under another name with half the steps
+    (random drafters accept nothing, so every real row has τ = 1), so that one row's interval lies clear above."""
+    with Store(as_url(str(db))) as store:
+        for run in [r for r in store.runs() if r["kind"] == "speculative" and r["proposer"] == source
+                    and r["temperature"] == 0 and r.get("submission_id") is None]:
+            prov = {k: v for k, v in run["provenance"].items() if k != "drafter_card"}
+            new = store.get_or_create_run("speculative", run["target"], run["task"], FAST, 0.0, run["settings"], prov)
+            for s in store.samples(run["id"]):
+                kept = {k: v for k, v in s.items() if k not in ("id", "run_id", "created_at")}
+                store.add_sample(new, kept | {"steps": max(1, s["new_tokens"] // 2)})
+
+
 def as_path(href: str) -> Path:
     return Path(unquote(urlparse(href).path))
 
@@ -81,15 +103,19 @@ def browser():
 
 def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_dir: Path) -> None:
     a, b = drafters(tmp_path, tiny_smol)
+    # A math drafter, by its card: its rows get a specialisation gap and match the filters by family and training.
+    (a / "card.yaml").write_text("name: math-rand\ndescription: random (tests)\nmethod: eagle2\ncorpus: mathinstruct\n")
     evil = tmp_path / EVIL_NAME
     shutil.copytree(b, evil)
     (evil / "card.yaml").write_text(f"name: {EVIL_NAME!r}\ndescription: {EVIL_DESCRIPTION!r}\nmethod: hass\n")
-    spec = small_spec(tmp_path / "m.yaml", a, evil, max_new_tokens=4, tasks={"gsm8k": 1, "math500": 1,
-                                                                             "mt-bench": 1, "svamp": 1})
+    # Two questions a task: each cell has an interval.
+    spec = small_spec(tmp_path / "m.yaml", a, evil, max_new_tokens=4, tasks={"gsm8k": 2, "math500": 2,
+                                                                             "mt-bench": 2, "svamp": 2})
     db, site = tmp_path / "r.db", tmp_path / "site"
     assert main(["--include", str(tiny_smol), "matrix", str(spec), "--db", str(db), "--no-progress",
                  "--data-dir", str(data_dir)]) == 0
     add_submissions(db, "math-rand")
+    add_fast_drafter(db)
     assert main(["leaderboard", "build", "--db", str(db), "--out", str(site)]) == 0
 
     page, errors, dialogs = check_site(browser, site, "tiny-smol", 5, "leaderboard.png")
@@ -97,8 +123,8 @@ def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_
     page.goto((site / "index.html").as_uri())
     names = page.locator("section.board[data-target='tiny-smol'] table.leaderboard tbody tr").evaluate_all(
         "rows => rows.map(r => r.getAttribute('data-name'))")
-    # math-rand: measured at T=0 and T=1, and the two submissions (at T=0)
-    assert len(names) == 2 * 5 + 2 and EVIL_NAME in names and names.count("math-rand") == 2 + 2
+    # math-rand: measured at T=0 and T=1, and the two submissions (at T=0); the made-up drafter at T=0
+    assert len(names) == 2 * 5 + 2 + 1 and EVIL_NAME in names and names.count("math-rand") == 2 + 2
     assert any(n.startswith("confidence-step(") for n in names)
     assert any(n.startswith("merged-tree-full(") for n in names)
     assert page.locator("table.leaderboard").first.get_by_text(EVIL_NAME).count() >= 1
@@ -108,6 +134,11 @@ def test_leaderboard_in_chromium(browser, tmp_path: Path, tiny_smol: Path, data_
     assert EVIL_DESCRIPTION in page.locator("dd.description").inner_text()
     assert page.title() != "pwned"
     check_standing(page, site)
+    check_intervals_and_ranks(page, site)
+    check_task_pages(page, site)
+    check_filters(page, site)
+    check_reproduce(page)
+    check_nothing_local(site, db, tmp_path)
     assert errors == [] and dialogs == []
 
 
@@ -130,6 +161,144 @@ def check_standing(page, site: Path) -> None:
         page.goto((site / "index.html").as_uri())
 
 
+BOARD = "section.board[data-target='tiny-smol'][data-temperature='0.0']"
+INTERVAL = re.compile(r"n=(\d+), 95% CI \[(-?\d+\.\d+), (-?\d+\.\d+)\]")
+
+
+def column_index(page, name: str) -> int:
+    """The 1-based index (for :nth-child) of the board's column headed `name`."""
+    return page.locator(f"{BOARD} table.leaderboard thead tr").first.locator("th").all_inner_texts().index(name) + 1
+
+
+def check_intervals_and_ranks(page, site: Path) -> None:
+    """Each τ cell shows n and its 95% interval on hover (the whole cell) and as a whisker; the ranks follow the
+    rule from the exact intervals of the download: rows whose intervals overlap share a rank."""
+    page.goto((site / "index.html").as_uri())
+    gsm8k = column_index(page, "GSM8K")
+    cell = page.locator(f"{BOARD} tr[data-name='math-rand']:not(:has(span.badge.standing)) td:nth-child({gsm8k})")
+    title = cell.get_attribute("title") or ""
+    match = INTERVAL.fullmatch(title)
+    assert match and int(match.group(1)) == 2, title  # two questions of GSM8K
+    lo, hi = float(match.group(2)), float(match.group(3))
+    value = float(cell.get_attribute("data-value") or "nan")
+    assert lo - 0.005 <= value <= hi + 0.005
+    assert cell.locator("span.ci[title] .whisker .bar").count() == 1 and cell.locator(".whisker .dot").is_visible()
+    cell.hover()
+    # Every measured τ and speedup cell of the board carries one (the submitted rows have GSM8K only).
+    for name in ("MT-Bench", "Avg τ", "Speedup"):
+        col = column_index(page, name)
+        titles = page.locator(f"{BOARD} tbody tr.drafter td:nth-child({col}):not([data-value=''])").evaluate_all(
+            "cells => cells.map(c => c.getAttribute('title'))")
+        assert titles and all(t and t.startswith("n=") for t in titles), (name, titles)
+
+    # Ranks by Avg τ: recomputed here by the rule from the download's exact intervals, they are the page's.
+    board = json.loads(next((site / "data").glob("board-tiny-smol-t0-*.json")).read_text())
+    ranked = [r for r in board if r["rank"] is not None]
+    assert len(ranked) >= 4 and all(r["tau_avg_ci_low"] is not None for r in ranked)
+    rule = interval_ranks([(r["tau_avg"], [r["tau_avg_ci_low"], r["tau_avg_ci_high"]]) for r in ranked])
+    for r, (best, worst) in zip(ranked, rule, strict=True):
+        assert r["rank"] == (str(best) if best == worst else f"{best}–{worst}"), (r["name"], r["rank"])
+    ranks = {r["name"]: r["rank"] for r in ranked}
+    assert ranks.pop(FAST) == "1"  # its interval lies above every other
+    # The rest (random drafters: τ = 1 throughout) cannot be told apart: they share the places after it.
+    assert all(r.startswith("2") for r in ranks.values()) and any("–" in r for r in ranks.values()), ranks
+    overlapping = [(x, y) for x in ranked for y in ranked if x is not y and x["tau_avg_ci_low"] <= y["tau_avg_ci_high"]
+                   and y["tau_avg_ci_low"] <= x["tau_avg_ci_high"]]
+    for x, y in overlapping:  # they share a place
+        bx, by = (tuple(map(int, r["rank"].split("–"))) * 2 for r in (x, y))
+        assert bx[0] <= by[-1] and by[0] <= bx[-1], (x["rank"], y["rank"])
+    col = column_index(page, "Rank")
+    shown = page.locator(f"{BOARD} tbody tr td:nth-child({col})").all_inner_texts()
+    assert sorted(t for t in shown if t != "–") == sorted(r["rank"] for r in ranked)
+    gap = column_index(page, "Spec. gap")
+    math_gap = page.locator(f"{BOARD} tr.drafter[data-name='math-rand']:not(:has(span.badge.standing)) "
+                            f"td:nth-child({gap})")
+    assert re.fullmatch(r"[+-]\d\.\d\d", math_gap.inner_text().strip()) and math_gap.get_attribute("title")
+    regret = column_index(page, "Router regret")
+    combined = page.locator(f"{BOARD} tr.combiner td:nth-child({regret})").all_inner_texts()
+    assert combined and all(re.fullmatch(r"-?\d\.\d\d", t.strip()) for t in combined), combined
+
+
+def check_task_pages(page, site: Path) -> None:
+    """A task's column header links to its page, which lists every row of the board on that task."""
+    page.goto((site / "index.html").as_uri())
+    names = page.locator(f"{BOARD} table.leaderboard tbody tr").evaluate_all(
+        "rows => rows.filter(r => !r.classList.contains('published')).map(r => r.getAttribute('data-name'))")
+    page.locator(f"{BOARD} table.leaderboard thead a.drill", has_text="GSM8K").click()
+    assert "/tasks/" in page.url and "GSM8K" in page.locator("h1.task").inner_text()
+    listed = page.locator("table.task tbody tr").evaluate_all("rows => rows.map(r => r.getAttribute('data-name'))")
+    assert sorted(listed) == sorted(names)  # every row was measured on GSM8K
+    titles = page.locator("table.task tbody tr.drafter td .ci[title]").evaluate_all(
+        "spans => spans.map(s => s.getAttribute('title'))")
+    assert any(INTERVAL.fullmatch(t) for t in titles)
+    assert page.locator("table.task tbody tr td.rank").first.inner_text().strip() != ""
+    assert page.locator("table.task pre.repro").count() >= 4 and page.locator("svg polyline.series").count() >= 2
+    page.locator("table.task tbody tr a").first.click()  # on to a row's own page
+    assert "/drafters/" in page.url
+
+
+def visible_rows(page) -> list[str]:
+    return page.locator("section.board table.leaderboard tbody tr").evaluate_all(
+        "rows => rows.filter(r => r.offsetParent !== null).map(r => r.getAttribute('data-name'))")
+
+
+def check_filters(page, site: Path) -> None:
+    """Family and training data hide the rows that do not match, temperature the other boards; resetting (or
+    choosing "all") shows everything again."""
+    page.goto((site / "index.html").as_uri())
+    everything = visible_rows(page)
+    assert everything.count("math-rand") >= 2 and EVIL_NAME in everything
+    page.select_option("form.filters select[name=family]", "EAGLE-2")
+    assert set(visible_rows(page)) == {"math-rand"}  # the card says EAGLE-2: measured rows at T=0 and T=1
+    page.select_option("form.filters select[name=family]", "")
+    assert visible_rows(page) == everything
+    page.select_option("form.filters select[name=training]", "mathinstruct")
+    assert visible_rows(page).count("math-rand") == 2 and EVIL_NAME not in visible_rows(page)
+    page.locator("form.filters button[type=reset]").click()  # the form resets, then the filters apply again
+    page.wait_for_function("() => [...document.querySelectorAll('section.board tbody tr')].every(r => !r.hidden)")
+    assert visible_rows(page) == everything
+    page.select_option("form.filters select[name=temperature]", "1.0")
+    assert page.locator(BOARD).is_hidden() and page.locator("section.board[data-temperature='1.0']").first.is_visible()
+    page.select_option("form.filters select[name=temperature]", "")
+    assert visible_rows(page) == everything
+
+
+def check_reproduce(page) -> None:
+    """Each measured row carries the `taps-bench run` of each of its tasks, well formed and without a local path."""
+    rows = page.locator(f"{BOARD} tbody tr.drafter, {BOARD} tbody tr.combiner")
+    assert rows.count() >= 4
+    for i in range(rows.count()):
+        row = rows.nth(i)
+        row.locator("details.repro summary").click()
+        lines = row.locator("pre.repro").inner_text().strip().splitlines()
+        assert len(lines) >= 1 and row.locator("pre.repro").is_visible()
+        for line in lines:
+            argv = shlex.split(line)
+            assert argv[:4] == ["taps-bench", "--include", "<cards>", "run"], line  # tiny-smol's card: --include
+            flags = dict(zip(argv[4::2], argv[5::2], strict=True))
+            assert flags["--target"] == "tiny-smol" and flags["--task"] in ("gsm8k", "math500", "mt-bench", "svamp")
+            assert flags["--temperature"] == "0" and flags["--max-new-tokens"] == "4"
+            assert flags["--limit"] in ("1", "2") and flags["--total-tokens"] == "8"
+            assert ("--drafter" in flags) != ("--combiner" in flags)
+            names = [flags["--drafter"]] if "--drafter" in flags else flags["--drafters"].split(",")
+            assert all(n.startswith("<checkpoint:") for n in names), names  # directories given directly
+            assert not any(a.startswith(("/", "~")) for a in argv)
+
+
+LOCAL = re.compile(r"(?<![\w.:/-])/(?:tmp|root|home|work|usr|var|opt|mnt|srv|Users)(?:/|\b)")
+
+
+def check_nothing_local(site: Path, db: Path, tmp_path: Path) -> None:
+    """No page and no download holds the database's path or URL, the build's directories, or an absolute path."""
+    files = [p for p in site.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".csv" for p in files) and any("/tasks/" in str(p) for p in files)
+    for path in files:
+        text = path.read_text(errors="replace")
+        for needle in (str(db), as_url(str(db)), "sqlite:", str(tmp_path), str(REPO), str(Path.home())):
+            assert needle not in text, (path.name, needle)
+        assert not LOCAL.search(text), (path.name, LOCAL.search(text))
+
+
 def check_site(browser, site: Path, target: str, min_rows: int, screenshot: str):
     """What a reader relies on, on every board of `target`: the paper's columns, at least `min_rows` rows (an oracle
     among them),
@@ -150,7 +319,7 @@ def check_site(browser, site: Path, target: str, min_rows: int, screenshot: str)
             "rows => rows.map(r => r.getAttribute('data-name'))")
         assert len(names) >= min_rows and any(n.startswith("oracle(") for n in names), names
         headers = board.locator("table.leaderboard thead th").all_inner_texts()
-        assert headers[1:6] == ["MT-Bench", "GSM8K", "MATH-500", "SVAMP", "Avg τ"]
+        assert headers[1:7] == ["MT-Bench", "GSM8K", "MATH-500", "SVAMP", "Avg τ", "Rank"]
         # Charts are drawn: a heatmap cell per (row, task), depth lines, routing bars.
         assert board.locator("svg rect.cell").count() == len(names) * 4
         assert board.locator("svg polyline.series").count() >= 4

@@ -27,7 +27,7 @@ def copy_store(source: Store, dest: Store) -> None:
 
 
 def without_footer(site: Path) -> None:
-    """The footer names the database and the build time; everything else must match byte for byte."""
+    """The footer names the build time; everything else must match byte for byte."""
     for page in site.rglob("*.html"):
         page.write_text(re.sub(r"<footer>.*?</footer>", "", page.read_text(), flags=re.S))
 

@@ -138,7 +138,8 @@ def test_ranking_and_row_kinds_are_read_from_the_schema(store: Store, tmp_path: 
     combo = re.search(r'<tr class="combiner" data-name="[^"]*">(.*?)</tr>', section, re.S)
     assert combo and combo.group(1).count('class="best"') == 0  # an unranked kind is never marked
     oracle_row = re.search(r'<tr class="oracle" data-name="[^"]*">(.*?)</tr>', section, re.S)
-    assert oracle_row and '<td data-value="4.0" class="best">4.00</td>' in oracle_row.group(1)  # a ranked one is
+    # a ranked one is (its value, then its interval's whisker)
+    assert oracle_row and '<td data-value="4.0" class="best">4.00<span class="ci"' in oracle_row.group(1)
 
 
 def test_row_identity_and_excluded_tasks_are_read_from_the_schema(tmp_path: Path) -> None:

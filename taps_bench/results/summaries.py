@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +49,50 @@ def bootstrap_interval(rows: list[list[float]], statistic: Callable[..., Any]) -
     if len(rows) < 2:
         return None
     import numpy as np
+
+    return _percentile_bootstrap(tuple(np.asarray(rows, dtype=float).T), statistic, paired=True)
+
+
+def _percentile_bootstrap(data: tuple[Any, ...], statistic: Callable[..., Any], paired: bool) -> list[float] | None:
+    """scipy's bootstrap, the one way every interval here is computed: percentile, seeded, RESAMPLES resamples."""
+    import numpy as np
     from scipy.stats import bootstrap
 
     # scipy 1.15 renamed random_state to rng (random_state is on its way out); either takes a seeded Generator.
     seed = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
     with np.errstate(divide="ignore", invalid="ignore"):  # a resample of zero-time samples: inf, reported as None
-        result = bootstrap(tuple(np.asarray(rows, dtype=float).T), statistic, paired=True,
-                           vectorized=True, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-                           method="percentile", **{seed: np.random.default_rng(SEED)})
+        result = bootstrap(data, statistic, paired=paired, vectorized=True, axis=-1, confidence_level=CONFIDENCE,
+                           n_resamples=RESAMPLES, method="percentile", **{seed: np.random.default_rng(SEED)})
     lo, hi = (float(v) for v in result.confidence_interval)
     return [lo, hi] if np.isfinite(lo) and np.isfinite(hi) else None
+
+
+# One stratum of `stratified_ratio_interval`: the weights w_1..w_k of its k ratios, and its rows (one per example),
+# each holding 2k counters: numerator_1, denominator_1, ..., numerator_k, denominator_k.
+Stratum = tuple[Sequence[float], list[list[float]]]
+
+
+def stratified_ratio_interval(strata: Sequence[Stratum]) -> list[float] | None:
+    """The 95% percentile bootstrap interval of  sum_s sum_j w_sj * (sum of numerator_j / sum of denominator_j over
+    stratum s's rows),  each stratum's rows (examples) resampled with replacement on their own, all of a row's
+    counters together: a stratified bootstrap, paired within a stratum. One stratum per task gives the interval of
+    a mean of per-task taus (weights 1/k), of a difference of two groups of tasks (weights +1/a and -1/b), or of a
+    mean over tasks of the difference between two arms on the same examples (rows of four counters, weights
+    (1/k, -1/k)). None when a stratum has fewer than 2 rows, there is no stratum, or a resample is undefined."""
+    if not strata or any(len(rows) < 2 for _, rows in strata):
+        return None
+    import numpy as np
+
+    weights = [[float(w) for w in ws] for ws, _ in strata]
+    data = tuple(np.asarray(rows, dtype=float).T for _, rows in strata)  # each (2k, examples): resampled together
+    if any(d.shape[0] != 2 * len(ws) for d, ws in zip(data, weights, strict=True)):
+        raise ValueError("each row of a stratum holds a numerator and a denominator per weight")
+
+    def statistic(*samples: Any, axis: int = -1) -> Any:
+        return sum(w * samples[s][2 * j].sum(axis) / samples[s][2 * j + 1].sum(axis)
+                   for s, ws in enumerate(weights) for j, w in enumerate(ws))
+
+    return _percentile_bootstrap(data, statistic, paired=False)
 
 
 def _ratio_of_rates(sn: Any, st: Any, bn: Any, bt: Any, axis: int = -1) -> Any:
@@ -88,14 +122,20 @@ def speedup_interval(spec: Iterable[Sample], base: Iterable[Sample]) -> tuple[li
     return bootstrap_interval(rows, _ratio_of_rates), len(rows)
 
 
-def tau_interval(spec: Iterable[Sample]) -> list[float] | None:
-    """The interval of tau (sum new tokens / sum steps), resampling examples of the speculative arm."""
+def example_counters(spec: Iterable[Sample]) -> list[list[float]]:
+    """(new tokens, steps) of each example (an example pools its turns and its repeats), in example-id order: the
+    rows that tau's intervals resample."""
     per_example: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for s in spec:
         acc = per_example[str(s["example_id"])]
         acc[0] += float(s["new_tokens"])
         acc[1] += float(s["steps"])
-    return bootstrap_interval([per_example[k] for k in sorted(per_example)], _ratio)
+    return [per_example[k] for k in sorted(per_example)]  # sorted: the seeded resampling sees one fixed order
+
+
+def tau_interval(spec: Iterable[Sample]) -> list[float] | None:
+    """The interval of tau (sum new tokens / sum steps), resampling examples of the speculative arm."""
+    return bootstrap_interval(example_counters(spec), _ratio)
 
 
 def slower_than_plain(interval: list[float] | None) -> bool:

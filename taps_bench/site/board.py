@@ -21,9 +21,17 @@ from taps_bench.results.pairing import BASELINE_KEYS
 from taps_bench.results.schema import canonical_json
 from taps_bench.results.store import Store
 from taps_bench.results.submissions import submissions, verified_label
-from taps_bench.results.summaries import summarize_pair
+from taps_bench.results.summaries import summarize_pair, tau_interval
 from taps_bench.site.labels import row_labels
-from taps_bench.site.rows import Board, Row, TaskResult, finite_number, slugify
+from taps_bench.site.rows import (
+    Board,
+    Row,
+    TaskResult,
+    cell_interval,
+    metric_value,
+    node_counts,
+    slugify,
+)
 from taps_bench.site.schema import (  # noqa: F401  (re-exported: callers import the schema from here)
     KINDS,
     Column,
@@ -34,6 +42,7 @@ from taps_bench.site.schema import (  # noqa: F401  (re-exported: callers import
     data_dir,
     load_schema,
 )
+from taps_bench.site.stats import derive, mean_interval
 
 
 def row_identity(schema: Schema, settings: dict[str, Any]) -> dict[str, Any]:
@@ -50,24 +59,11 @@ def _rekey(samples: list[dict[str, Any]], run_id: int) -> list[dict[str, Any]]:
     return [{**s, "example_id": f"{run_id}:{s['example_id']}"} for s in samples]
 
 
-def _nodes(sample: Any) -> list[tuple[str, float, float, float]]:
-    """A sample's `extra.nodes` as (key, n, confidence, entropy); malformed entries (stored data comes from bundles
-    too) are left out rather than allowed to stop a build."""
-    extra = sample.get("extra") if isinstance(sample, dict) else None
-    nodes = extra.get("nodes") if isinstance(extra, dict) else None
-    out = []
-    for key, v in (nodes.items() if isinstance(nodes, dict) else ()):
-        n, c, e = (finite_number(v.get(f)) if isinstance(v, dict) else None for f in ("n", "confidence", "entropy"))
-        if isinstance(key, str) and n is not None and n > 0 and c is not None and e is not None:
-            out.append((key, n, c, e))
-    return out
-
-
 def pool_nodes(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Confidence/entropy of accepted vs rejected draft tokens, pooled over samples (weighted by token counts)."""
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for s in samples:
-        for key, n, c, e in _nodes(s):
+        for key, n, c, e in node_counts(s):
             acc = sums[key]
             acc[0] += n
             acc[1] += n * c
@@ -83,7 +79,19 @@ def _task_result(pairs: list[tuple[dict[str, Any], list[dict[str, Any]], list[di
     pair = summarize_pair(spec, base, greedy)
     return TaskResult(summary=pair.speculative, speedup=pair.speedup, by_depth=acceptance_by_depth(spec),
                       decisions=pair.decisions, nodes=pool_nodes(spec), runs=[run["id"] for run, _, _ in pairs],
-                      samples=spec, baseline=base)
+                      samples=spec, baseline=base, launches=_launches(pairs))
+
+
+def _launches(pairs: list[tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """How the row's runs of one task were launched, as their stored settings say (one entry per distinct launch):
+    sampling, device, dtype, and `limit`, the questions a run holds (--limit takes the first N)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for run, ss, _ in pairs:
+        settings = run["settings"]
+        launch = {k: settings.get(k) for k in ("sampling", "device", "dtype")}
+        launch["limit"] = len({str(s.get("example_id")) for s in ss})
+        seen.setdefault(canonical_json(launch), launch)
+    return [seen[k] for k in sorted(seen)]
 
 
 def collect(store: Store, schema: Schema | None = None, reg: Registry | None = None) -> list[Board]:
@@ -134,6 +142,7 @@ def collect(store: Store, schema: Schema | None = None, reg: Registry | None = N
             owner = f"|submission {row.submission.get('id')}" if row.submission is not None else ""
             row.slug = slugify(f"{target}|{temperature}|{row.name}|{row.note}{owner}")
             row.values = _values(schema, columns, row, temperature == 0, row_labels(row, reg))
+        derive(schema, columns, rows, reg)  # ranks, gaps, regrets: once every row's measured columns are there
         provs = [p for r in rows for p in r.provenance]
         hardware = sorted({f"{p.get('device_name', p.get('device', '?'))}, {p.get('threads', '?')} threads, "
                            f"{p.get('dtype', '?')}" for p in provs})
@@ -189,17 +198,13 @@ def _oracle_rows(rows: list[Row], rows_by_key: dict, temperature: float) -> list
         for task in sorted(common):
             chosen, _ = oracle_samples({r.name: [s for run, ss, _ in per_task[task] for s in _rekey(ss, 0)]
                                         for r, per_task in members})
-            summary = summarize(chosen)
+            summary = summarize(chosen) | {"tau_ci95": tau_interval(chosen)}
             oracle.tasks[task] = TaskResult(summary=summary, speedup={"ratio_of_sums": None, "mean_of_ratios": None},
                                             by_depth=acceptance_by_depth(chosen), decisions={}, nodes={}, runs=[],
                                             samples=chosen)  # no baseline: it is never timed
         if oracle.tasks:
             out.append(oracle)
     return out
-
-
-def metric_value(metric: Metric, result: TaskResult) -> float | None:
-    return result.speedup.get("ratio_of_sums") if metric.compute == "speedup" else result.summary.get(metric.compute)
 
 
 def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool,
@@ -211,9 +216,15 @@ def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool,
         values[col.id], result = None, None  # `result`: the one summary the cell reads, if it reads one
         if metric.of == "row":
             values[col.id] = labels.get(metric.compute)
+        elif metric.of == "board":  # site.stats.derive fills it, from every row of the board
+            pass
         elif col.mean_of:
             parts = [values.get(c) for c in col.mean_of]
             values[col.id] = sum(parts) / len(parts) if all(p is not None for p in parts) else None  # type: ignore
+            counts = [row.counts.get(c) for c in col.mean_of]
+            if values[col.id] is not None and row.kind != "published":
+                row.counts[col.id] = sum(counts) if None not in counts else None  # type: ignore[arg-type]
+                row.intervals[col.id] = mean_interval(schema, columns, row, col)
         elif row.kind == "published":  # numbers copied from a paper: only its metric, per task
             values[col.id] = row.published.get(col.task or "") if col.metric == row.published_metric else None
         elif col.task == "all":
@@ -225,12 +236,14 @@ def _values(schema: Schema, columns: list[Column], row: Row, greedy: bool,
                            for r in row.tasks.values()]
                 n = sum(w for _, w in weights)
                 values[col.id] = sum((v or 0) * w for v, w in weights) / n if n else None
+                row.counts[col.id] = sum(int(r.summary.get("n_questions") or 0) for r in row.tasks.values()
+                                         if r.summary.get(pool.weighted_by or "")) if n else None
         else:
             result = row.tasks.get(col.task or "")
         if result is not None:
             values[col.id] = metric_value(metric, result)
-            if metric.compute == "speedup":  # its interval, and the flag summaries derives from it
-                row.intervals[col.id] = result.speedup.get("ci95")
+            row.counts[col.id], row.intervals[col.id] = cell_interval(metric, result)
+            if metric.compute == "speedup":  # the flag summaries derives from its interval
                 row.slower |= bool(result.speedup.get("slower_than_plain"))
     return values
 

@@ -171,3 +171,59 @@ def paired_bars(title: str, groups: dict[str, tuple[float | None, float | None]]
                         f'</rect><text x="{left + w + 4:.1f}" y="{y + k * (bar_h + 2) + 9}">{v:.2f}</text>')
     body += _legend(list(labels), left, height - 24)
     return _svg(left + plot_w + 60, height, body, title)
+
+
+def calibration_lines(title: str, series: dict[str, list[tuple[float, float, float]]], top: float, x_label: str,
+                      diagonal: bool = False, width: int = 320, height: int = 210) -> Markup:
+    """Acceptance (0..1) against a binned signal (0..top), one line per series of (bin middle, acceptance, draft
+    tokens in the bin); `diagonal`: the line a calibrated confidence would follow. The legend goes below."""
+    left, right, top_pad, bottom = 34, 10, 20, 30
+    plot_w, plot_h = width - left - right, height - top_pad - bottom
+    total = height + 14 * len(series) + 12
+    body = [f'<text x="{left}" y="13" font-weight="600">{_clip(title, 52)}</text>']
+    for tick in (0, 0.5, 1):
+        y = top_pad + plot_h * (1 - tick)
+        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                    f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    top = top if (t := finite(top)) is not None and t > 0 else 1.0
+    for tick, anchor in ((0, "middle"), (0.5, "middle"), (1, "end")):
+        x = left + plot_w * tick
+        body.append(f'<text x="{x:.1f}" y="{height - 16}" text-anchor="{anchor}">{top * tick:.2g}</text>')
+    body.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 3}" text-anchor="middle">{escape(x_label)}</text>')
+    if diagonal:
+        body.append(f'<line class="diagonal" x1="{left}" y1="{top_pad + plot_h}" x2="{left + plot_w}" '
+                    f'y2="{top_pad}" stroke="#999" stroke-dasharray="4 3"><title>calibrated</title></line>')
+    for i, (name, bins) in enumerate(series.items()):
+        pts = [(left + plot_w * min(1.0, mid / top), top_pad + plot_h * (1 - rate), mid, rate, n)
+               for raw_mid, raw_rate, raw_n in bins
+               if (mid := finite(raw_mid)) is not None and (rate := finite(raw_rate)) is not None
+               and (n := finite(raw_n)) is not None and 0 <= rate <= 1]
+        if not pts:
+            continue
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y, *_ in pts)
+        body.append(f'<polyline class="calib" points="{path}" fill="none" stroke="{colour(i)}" stroke-width="2">'
+                    f'<title>{escape(name)}</title></polyline>')
+        body += [f'<circle class="calib-bin" cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour(i)}"><title>'
+                 f'{escape(name)}: {escape(x_label)} ≈ {mid:.2f}: {rate:.0%} of {n:.0f} draft tokens accepted'
+                 f'</title></circle>' for x, y, mid, rate, n in pts]
+    body += _legend(list(series), 8, height + 12, clip=46)
+    return _svg(width, total, body, title)
+
+
+def whisker(value: float | None, interval: Sequence[float] | None, low: float, high: float) -> Markup:
+    """A small inline whisker (HTML and CSS, no SVG): the interval as a bar and the value as a dot, placed on the
+    column's common scale [low, high] so that the rows' whiskers compare."""
+    v = finite(value)
+    lo, hi = (finite(interval[0]), finite(interval[1])) if interval is not None and len(interval) == 2 else (None,
+                                                                                                           None)
+    if v is None or lo is None or hi is None:
+        return Markup("")
+    span = high - low if high > low else 1.0
+
+    def at(x: float) -> float:
+        return max(0.0, min(100.0, 100 * (x - low) / span))
+
+    left, right = at(min(lo, hi)), at(max(lo, hi))
+    return Markup(f'<span class="whisker" aria-hidden="true"><span class="bar" style="left:{left:.1f}%;'
+                  f'width:{max(right - left, 1.0):.1f}%"></span><span class="dot" style="left:{at(v):.1f}%">'
+                  f'</span></span>')

@@ -32,7 +32,21 @@ from taps_bench.site.board import (
     settings_line,
 )
 from taps_bench.site.cards import drafter_card
+from taps_bench.site.drilldown import (
+    board_aids,
+    calibration_charts,
+    chart_name,
+    column_stats,
+    commands,
+    filter_keys,
+    filters,
+    task_pages,
+    task_records,
+    task_view,
+)
 from taps_bench.site.publish import SiteFiles, publish
+from taps_bench.site.redact import redact, redact_text
+from taps_bench.site.reproduce import row_commands
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_SHOWN_JSON = 50_000  # characters of stored settings or provenance shown on a page
@@ -56,15 +70,9 @@ def best(schema: Schema, board: Board) -> dict[str, float]:
     return out
 
 
-def chart_name(row: Row) -> str:
-    """A row's name as charts show it: unique on its board (a submitted row may share its name with a measured
-    one, and one proposer may run under several settings)."""
-    name = f"{row.name} [{row.note}]" if row.note and row.kind != "oracle" else row.name
-    return f"{name} (submission {row.submission.get('id')})" if row.submission is not None else name
-
-
-def _table_records(schema: Schema, board: Board) -> list[dict[str, Any]]:
+def _table_records(schema: Schema, board: Board, reg: Registry | None = None) -> list[dict[str, Any]]:
     records = []
+    measured = [c for c in board.columns if schema.metrics[c.metric].of != "row"]
     for row in [*board.rows, *board.published]:
         name = row.name.split("|", 2)[2] if row.kind == "published" else row.name
         rec = {"target": board.target, "temperature": board.temperature, "name": name, "kind": row.kind,
@@ -72,6 +80,8 @@ def _table_records(schema: Schema, board: Board) -> list[dict[str, Any]]:
                "source": row.source or "measured", "standing": "published" if row.kind == "published"
                else row.standing}
         rec |= {c.id: _cell(row.values.get(c.id)) for c in board.columns}
+        rec |= column_stats(measured, row)  # each number's n and 95% interval
+        rec["reproduce"] = "\n".join(row_commands(row, board.target, reg))
         records.append(rec)
     return records
 
@@ -128,7 +138,9 @@ def _charts(board: Board) -> dict[str, Any]:
         if bars:
             names = sorted({str(n) for shares in bars.values() for n in shares})
             routing.append(charts.stacked_shares(f"{chart_name(r)}: share of steps per drafter", bars, names))
-    return {"depth": depth, "heatmap": heat, "routing": routing, "nodes": _node_charts(board)}
+    calib = calibration_charts({chart_name(r): [s for t in r.tasks.values() for s in t.samples]
+                                for r in board.rows if r.kind != "oracle"})
+    return {"depth": depth, "heatmap": heat, "routing": routing, "nodes": _node_charts(board), "calibration": calib}
 
 
 def _node_charts(board: Board) -> list[Any]:
@@ -157,7 +169,7 @@ def build(store: Store, out: Path, reg: Registry | None = None, title: str = "ta
 
     def render(files: SiteFiles) -> None:
         boards.extend(collect(store, schema, reg))
-        _render(files, store, boards, schema, reg, title, warn or _stderr)
+        _render(files, boards, schema, reg, title, warn or _stderr)
 
     publish(out, render)
     return {"boards": len(boards), "rows": sum(len(b.rows) for b in boards), "out": str(out)}
@@ -167,34 +179,47 @@ def _stderr(message: str) -> None:
     print(f"taps-bench: warning: {message}", file=sys.stderr)
 
 
-def _render(files: SiteFiles, store: Store, boards: list[Board], schema: Schema, reg: Registry | None, title: str,
+def _render(files: SiteFiles, boards: list[Board], schema: Schema, reg: Registry | None, title: str,
             warn: Callable[[str], None]) -> None:
     from taps_bench import __version__
 
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    common = {"schema": schema, "value": metric_value, "title": title, "built": built, "version": __version__,
-              "db": store.shown}
+    # No database URL and no local path on any page (the site is published): stored data is shown redacted.
+    common = {"schema": schema, "value": metric_value, "title": title, "built": built, "version": __version__}
     views = []
     for board in boards:
-        downloads = _write_downloads(files, f"board-{board.slug}", _table_records(schema, board))
-        views.append({"board": board, "best": best(schema, board), "downloads": downloads,
-                      "charts": _charts(board)})
+        downloads = _write_downloads(files, f"board-{board.slug}", _table_records(schema, board, reg))
+        view = {"board": board, "best": best(schema, board), "downloads": downloads, "charts": _charts(board),
+                "aids": board_aids(schema, board), "commands": commands(board, reg), "pages": task_pages(board),
+                "hardware": [redact_text(h) for h in board.hardware],
+                "filter": {r.slug: filter_keys(r, reg) for r in [*board.rows, *board.published]}}
+        views.append(view)
         for row in board.rows:
             card, unavailable = drafter_card(reg, row)
             if unavailable:
                 warn(f"{board.target}, T={board.temperature:g}, row {row.name!r}: card unavailable: {unavailable}")
+            card = redact(card) if card else card
             details = _write_downloads(files, f"drafter-{row.slug}", _detail_records(schema, board, row))
             page = env.get_template("drafter.html").render(
-                **common, root="../", board=board, row=row, downloads=details,
-                depth=charts.depth_lines("Acceptance by depth, per task", {
+                **common, root="../", board=board, row=row, downloads=details, commands=view["commands"][row.slug],
+                pages=view["pages"], depth=charts.depth_lines("Acceptance by depth, per task", {
                     t: [d["conditional"] for d in r.by_depth] for t, r in sorted(row.tasks.items())}),
                 card=card, card_unavailable=bool(unavailable),
                 card_yaml=yaml.safe_dump(card, sort_keys=False, allow_unicode=True) if card else None,
-                settings_json=_shown_json(row.settings), provenance_json=_shown_json(_unique(row.provenance)))
+                settings_json=_shown_json(redact(row.settings)),
+                provenance_json=_shown_json(redact(_unique(row.provenance))))
             files.write(f"drafters/{row.slug}.html", page)
-    files.write("index.html", env.get_template("index.html").render(**common, root="", views=views))
+        for task, path in view["pages"].items():
+            tv = task_view(schema, board, task, reg)
+            stem = path.removeprefix("tasks/").removesuffix(".html")
+            page = env.get_template("task.html").render(
+                **common, root="../", board=board, view=view, tv=tv,
+                downloads=_write_downloads(files, f"task-{stem}", task_records(schema, board, tv)))
+            files.write(path, page)
+    files.write("index.html", env.get_template("index.html").render(**common, root="", views=views,
+                                                                     filters=filters(views)))
     files.write("methodology.html", env.get_template("methodology.html").render(**common, root=""))
 
 

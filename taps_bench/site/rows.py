@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from taps_bench.site.schema import Column, RowLabel, Task
+from taps_bench.site.schema import Column, Metric, RowLabel, Task
 
 
 def finite_number(value: Any) -> float | None:
@@ -17,6 +17,20 @@ def finite_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def node_counts(sample: Any) -> list[tuple[str, float, float, float]]:
+    """A sample's `extra.nodes` (per drafter, its accepted and its rejected draft tokens: "NAME/accepted") as (key,
+    n, mean confidence, mean entropy); malformed entries (stored data comes from bundles too) are left out rather
+    than allowed to stop a build."""
+    extra = sample.get("extra") if isinstance(sample, dict) else None
+    nodes = extra.get("nodes") if isinstance(extra, dict) else None
+    out = []
+    for key, v in (nodes.items() if isinstance(nodes, dict) else ()):
+        n, c, e = (finite_number(v.get(f)) if isinstance(v, dict) else None for f in ("n", "confidence", "entropy"))
+        if isinstance(key, str) and n is not None and n > 0 and c is not None and e is not None:
+            out.append((key, n, c, e))
+    return out
 
 
 def slugify(text: str) -> str:
@@ -35,6 +49,9 @@ class TaskResult:
     runs: list[int]
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)  # rekeyed per run (see _rekey)
     baseline: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # How each of its runs was launched, as far as its stored settings say (site.reproduce rebuilds the command):
+    # {"sampling", "device", "dtype", "limit" (the questions it holds)}, one per distinct launch.
+    launches: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -49,7 +66,8 @@ class Row:
     published_metric: str = ""  # the metric the published numbers are of
     published_family: list[str] = field(default_factory=list)  # published rows: their drafters' families, as declared
     values: dict[str, float | RowLabel | None] = field(default_factory=dict)  # RowLabel: the schema's row labels
-    intervals: dict[str, list[float] | None] = field(default_factory=dict)  # speedup columns: 95% bootstrap CI
+    intervals: dict[str, list[float] | None] = field(default_factory=dict)  # per column: 95% bootstrap CI, if any
+    counts: dict[str, int | None] = field(default_factory=dict)  # per column: the questions its value is from
     slower: bool = False  # a speedup column's whole interval lies below 1.0 (summaries.slower_than_plain)
     slug: str = ""
     note: str = ""
@@ -77,3 +95,22 @@ class Board:
     @property
     def slug(self) -> str:
         return slugify(f"{self.target}-T{self.temperature:g}")
+
+
+def metric_value(metric: Metric, result: TaskResult) -> float | None:
+    """A per-task metric's value in one task's result (the ratio-of-sums speedup, or a key of its summary)."""
+    return result.speedup.get("ratio_of_sums") if metric.compute == "speedup" else result.summary.get(metric.compute)
+
+
+def cell_interval(metric: Metric, result: TaskResult) -> tuple[int | None, list[float] | None]:
+    """(n, 95% interval) of a per-task metric's value in one result: the questions it is computed from (a speedup:
+    those both arms have) and the bootstrap interval `results.summaries` gave it (`<compute>_ci95` of the summary,
+    the speedup's `ci95`), None where it gave none."""
+    if metric.compute == "speedup":
+        n, ci = result.speedup.get("n"), result.speedup.get("ci95")
+    else:
+        n, ci = result.summary.get("n_questions"), result.summary.get(f"{metric.compute}_ci95")
+    count = finite_number(n)
+    bounds = [finite_number(v) for v in ci] if isinstance(ci, (list, tuple)) and len(ci) == 2 else [None]
+    interval = [b for b in bounds if b is not None]
+    return (int(count) if count is not None and count >= 0 else None), (interval if len(interval) == 2 else None)

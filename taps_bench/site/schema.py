@@ -16,6 +16,8 @@ from taps_bench.paths import shipped_dir
 
 KINDS = ("drafter", "combiner", "oracle", "published")  # the rows collect() makes; the schema says how each is treated
 ROW_LABELS = ("family", "draft_vocab")  # what a row label (`of: row`) may compute: see site.board.row_labels
+# What a board statistic (`of: board`) may compute, from the values and samples of the board's rows: see site.stats.
+BOARD_STATS = ("rank", "specialisation_gap", "router_regret")
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,16 @@ class Pool(Strict):  # how a metric is computed over every task of a row at once
 
 class Metric(Strict):
     label: str
-    compute: str  # a key of metrics.summarize's result, or "speedup"; of a row label, one of ROW_LABELS
+    compute: str  # a key of metrics.summarize's result, or "speedup"; ROW_LABELS of a row label; BOARD_STATS of `board`
     # "samples": computed from a task's stored samples; "row": a label of the row's proposer (its drafter family, its
-    # draft vocabulary), read from the row's stored settings and card, the same on every task.
-    of: Literal["samples", "row"] = "samples"
+    # draft vocabulary), read from the row's stored settings and card, the same on every task; "board": a statistic
+    # of the row among the board's rows (its rank, its specialisation gap, its router regret; see site.stats), whose
+    # column names with `by` what it is computed from.
+    of: Literal["samples", "row", "board"] = "samples"
     better: Literal["higher", "lower", "none"]
     digits: int = 2
     percent: bool = False
+    signed: bool = False  # shown with its sign (+0.52): a difference
     suffix: str = ""
     pool: Pool | None = None  # None: not shown on `task: all` columns
     mark_best: bool = True  # only where `better` is higher or lower
@@ -70,6 +75,11 @@ class Metric(Strict):
                 raise ValueError(f"a row label computes one of {', '.join(ROW_LABELS)}, not {self.compute}")
             if self.better != "none" or self.pool is not None:
                 raise ValueError(f"row label {self.compute} is no measure: it takes `better: none` and no pool")
+        if self.of == "board":
+            if self.compute not in BOARD_STATS:
+                raise ValueError(f"a board statistic computes one of {', '.join(BOARD_STATS)}, not {self.compute}")
+            if self.pool is not None:
+                raise ValueError(f"board statistic {self.compute} is no per-task metric: it takes no pool")
         return self
 
     def format(self, value: float | RowLabel | None) -> str:
@@ -79,12 +89,17 @@ class Metric(Strict):
             return value.text
         if self.percent:
             return f"{100 * value:.{self.digits}f}%"
-        return f"{value:.{self.digits}f}{self.suffix}"
+        return f"{value:{'+' if self.signed else ''}.{self.digits}f}{self.suffix}"
+
+    def number(self, value: float) -> str:
+        """A number in this metric's digits and scale, without suffix or sign (an interval's bounds)."""
+        return f"{100 * value:.{self.digits}f}" if self.percent else f"{value:.{self.digits}f}"
 
 
 class Task(Strict):
     id: str
     label: str
+    domain: str | None = None  # the training domain whose task it is (the specialisation gap), e.g. math or chat
 
 
 class Column(Strict):
@@ -93,6 +108,9 @@ class Column(Strict):
     metric: str
     task: str | None = None  # a task id, or "all" (every task pooled); neither this nor mean_of for a row label
     mean_of: list[str] = []  # or: the mean of these columns (None unless all are present)
+    # A board statistic's source: for `rank`, an earlier measured column (rows are ranked by it); for
+    # `specialisation_gap` and `router_regret`, the per-task metric they compare.
+    by: str | None = None
 
 
 class OtherTasks(Strict):  # tasks in the store that the schema does not declare: a column of `metric` each
@@ -127,6 +145,9 @@ class Schema(Strict):
     ranking: Ranking
     columns: list[Column]
     detail_columns: list[str]
+    # A training corpus's domain where the registry has no card of it (a corpus card's `domain` wins): with the tasks'
+    # `domain`, it says which tasks are a drafter's own (the specialisation gap).
+    corpus_domains: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _consistent(self) -> Schema:
@@ -135,10 +156,16 @@ class Schema(Strict):
         for col in self.columns:
             if col.metric not in self.metrics:
                 raise ValueError(f"schema column {col.id}: unknown metric {col.metric}")
-            if self.metrics[col.metric].of == "row":  # one value per row: there is no task to read or average
+            metric = self.metrics[col.metric]
+            if metric.of != "board" and col.by is not None:
+                raise ValueError(f"schema column {col.id}: only a board statistic takes `by`")
+            if metric.of == "row":  # one value per row: there is no task to read or average
                 if col.task is not None or col.mean_of:
                     raise ValueError(f"schema column {col.id}: row label {col.metric} takes no task and no mean_of")
                 continue  # and is no column a mean may average (`seen` holds the measured ones)
+            if metric.of == "board":
+                self._board_stat(col, metric, seen)
+                continue
             if col.task is not None and col.task != "all" and col.task not in tasks:
                 raise ValueError(f"schema column {col.id}: unknown task {col.task}")
             if bool(col.mean_of) == (col.task is not None) or not set(col.mean_of) <= seen:
@@ -151,10 +178,22 @@ class Schema(Strict):
         if unknown := sorted(set(named) - set(self.metrics)):
             raise ValueError(f"schema: unknown metrics {', '.join(unknown)}")
         # Those are computed per task from samples; a row label has no per-task value.
-        if labels := sorted({m for m in named if self.metrics[m].of == "row"}):
-            raise ValueError(f"schema: row labels {', '.join(labels)} are no per-task metric (detail_columns, "
-                             "other_tasks, pooled)")
+        for of, what in (("row", "row labels"), ("board", "board statistics")):
+            if labels := sorted({m for m in named if self.metrics[m].of == of}):
+                raise ValueError(f"schema: {what} {', '.join(labels)} are no per-task metric (detail_columns, "
+                                 "other_tasks, pooled)")
         return self
+
+    def _board_stat(self, col: Column, metric: Metric, seen: set[str]) -> None:
+        if col.task is not None or col.mean_of or col.by is None:
+            raise ValueError(f"schema column {col.id}: board statistic {col.metric} takes `by` and no task or mean_of")
+        if metric.compute == "rank":
+            ranked = next((c for c in self.columns if c.id == col.by), None)
+            if col.by not in seen or ranked is None or self.metrics[ranked.metric].better == "none":
+                raise ValueError(f"schema column {col.id}: ranks by an earlier measured column with a `better` "
+                                 f"direction, not {col.by}")
+        elif col.by not in self.metrics or self.metrics[col.by].of != "samples":
+            raise ValueError(f"schema column {col.id}: {metric.compute} compares a per-task metric, not {col.by}")
 
     def shows_pooled(self, kind: str, metric: str) -> bool:
         """Whether rows of this kind show this metric on the `task: all` columns (where the metric has a pool)."""
