@@ -52,6 +52,9 @@ def fill(store: Store) -> None:
     add(store, "mathinstruct-hass", {"drafter_checkpoint": "hub:zbeeb/Hass-MathInstruct_20epochs"}, WITH_VOCAB)
     # A checkpoint directory with its own card.yaml (recorded at measure time); no target vocabulary recorded.
     add(store, "my-eagle1", {"drafter_checkpoint": "path:/x"}, {**PROV, "drafter_card": {"method": "eagle1"}})
+    # A model-free drafter records its family and options (measure.modelfree): it scores no vocabulary.
+    add(store, "pld", {"drafter_family": "pld", "model_free": {"method": "pld", "max_ngram": 3, "min_ngram": 1,
+                                                               "num_pred_tokens": 10}}, WITH_VOCAB, steps=16)
     # Combiners: each member's family; EAGLE-3 members record theirs, registered names are looked up.
     add(store, "confidence(mathinstruct-eagle2,e3)", {"combiner": "confidence", "drafters": [
         {"name": "mathinstruct-eagle2", "checkpoint": "hub:x", "sha256": "1"},
@@ -86,14 +89,15 @@ def test_family_and_draft_vocab_of_each_kind_of_row(store: Store) -> None:
     family, vocab = texts(board, "family"), texts(board, "draft_vocab")
     assert family == {
         "eagle3-32k": "EAGLE-3", "eagle3-full": "EAGLE-3", "built-eagle2": "EAGLE-2", "mathinstruct-hass": "HASS",
-        "my-eagle1": "EAGLE-1", "confidence(mathinstruct-eagle2,e3)": "EAGLE-2 + EAGLE-3",
+        "my-eagle1": "EAGLE-1", "pld": "PLD (model-free)", "confidence(mathinstruct-eagle2,e3)": "EAGLE-2 + EAGLE-3",
         "confidence(sharegpt-hass,mine)": "HASS + ?",
-        "oracle(eagle3-32k,eagle3-full,built-eagle2,mathinstruct-hass,my-eagle1)": None}
+        "oracle(eagle3-32k,eagle3-full,built-eagle2,mathinstruct-hass,my-eagle1,pld)": None}
     assert vocab == {
         "eagle3-32k": "32000", "eagle3-full": FULL, "built-eagle2": "12288", "mathinstruct-hass": FULL,
         "my-eagle1": "full",  # the full vocabulary, but no target vocabulary size recorded with the run
+        "pld": "none (copies)",
         "confidence(mathinstruct-eagle2,e3)": FULL, "confidence(sharegpt-hass,mine)": "full",
-        "oracle(eagle3-32k,eagle3-full,built-eagle2,mathinstruct-hass,my-eagle1)": None}
+        "oracle(eagle3-32k,eagle3-full,built-eagle2,mathinstruct-hass,my-eagle1,pld)": None}
     # Published rows carry the family declared in published.yaml.
     llama = next(b for b in collect(store) if b.target == "llama3-8b-instruct")
     published = {p.name.split("|")[2]: p.values["family"] for p in llama.published}

@@ -85,6 +85,9 @@ def _draft_vocab(row: Row) -> RowLabel | None:
     full = next((_vocab_size(p.get("target_vocab_size")) for p in row.provenance
                  if isinstance(p, dict) and p.get("target_vocab_size") is not None), None)
     settings = row.settings
+    if row.kind == "drafter" and isinstance(settings.get("model_free"), dict):
+        # A model-free drafter (PLD) copies tokens from its context: it scores no vocabulary at all.
+        return RowLabel("none (copies)", 0)
     reduced = settings.get("draft_vocab")
     if row.kind == "drafter" and ("draft_vocab_size" in settings or reduced is not None):
         # An EAGLE-3 drafter's own draft vocabulary (its d2t map), or an EAGLE-2/HASS run's reduced one (FR-Spec).
