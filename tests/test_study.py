@@ -324,6 +324,29 @@ def test_report_prints_tables_and_claims_without_paths(capsys: pytest.CaptureFix
     assert str(tmp_path) not in page and "sqlite" not in page
 
 
+def test_the_leaderboard_publishes_the_report_as_a_page(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`leaderboard build --report MATRIX`: the report is a page of the site, linked from every page's header, with
+    no local path; a matrix without cells fails the build before anything is written."""
+    path, db = write_store(tmp_path)
+    site = tmp_path / "site"
+    assert main(["leaderboard", "build", "--db", str(db), "--out", str(site), "--report", str(path)]) == 0
+    (page_file,) = (site / "studies").glob("study-small*.html")
+    page = page_file.read_text()
+    assert "<table" in page and "specialisation" in page and "holds" in page
+    assert f'href="studies/{page_file.name}">Study: study-small</a>' in (site / "index.html").read_text()
+    assert f'href="../studies/{page_file.name}"' in next((site / "drafters").glob("*.html")).read_text()
+    for html_file in site.rglob("*.html"):
+        text = html_file.read_text()
+        assert str(tmp_path) not in text and "secret-dir" not in text and "sqlite" not in text, html_file
+    capsys.readouterr()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({**SPEC, "name": "nothing-stored", "tasks": {"svamp": 2}}))
+    rc = main(["leaderboard", "build", "--db", str(db), "--out", str(tmp_path / "site2"), "--report", str(empty)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "nothing-stored has no finished cells" in err
+    assert not (tmp_path / "site2").exists()
+
+
 def test_report_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path, db = write_store(tmp_path)
     rc = main(["report", "cpu-combiner", "--db", str(db)])

@@ -24,20 +24,34 @@ FORMATS = ("markdown", "html")
 def report(obj: Context, spec_file: str, db: str | None, fmt: str, out: str | None) -> None:
     """The paper's tables (one per target and temperature, each cell with its 95% bootstrap interval over prompts)
     and its four claims as paired comparisons, from the stored cells of a matrix (a spec path or a shipped name)."""
-    from taps_bench.matrix import spec as mx
     from taps_bench.paths import write_atomic
     from taps_bench.results.store import Store
-    from taps_bench.results.study_claims import report as build
     from taps_bench.results.study_text import markdown
 
     if fmt not in FORMATS:
         raise UserError(f"unknown --format '{fmt}': use one of {', '.join(FORMATS)}")
-    spec = mx.check(mx.load_spec(mx.find_spec(spec_file)), obj.registry)
     with Store(db_url(db), readonly=True) as store:  # a mistyped path is refused, never created
-        if not store.runs():
-            raise UserError("the database holds no runs yet: run `taps-bench matrix` first, or pass --db with the "
-                            "database it wrote")
-        measured, planned = stored_cells(store, spec)
+        result = study_report(obj, spec_file, store)
+    text = markdown(result) if fmt == "markdown" else html(result)
+    if out is None:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    write_atomic(Path(out), text if text.endswith("\n") else text + "\n")
+    click.echo(f"report: {len(result['tables'])} tables, {sum(len(c) for _, c in result['claims'])} claims -> {out}",
+               err=True)
+
+
+def study_report(obj: Context, spec_file: str, store: Any) -> dict[str, Any]:
+    """The report of one matrix (a spec path or a shipped name) from an open store: what `report` prints and what
+    `leaderboard build --report` publishes. Refuses (one line) a store without runs or a matrix without cells."""
+    from taps_bench.matrix import spec as mx
+    from taps_bench.results.study_claims import report as build
+
+    spec = mx.check(mx.load_spec(mx.find_spec(spec_file)), obj.registry)
+    if not store.runs():
+        raise UserError("the database holds no runs yet: run `taps-bench matrix` first, or pass --db with the "
+                        "database it wrote")
+    measured, planned = stored_cells(store, spec)
     if not measured:
         raise UserError(f"matrix {spec.name} has no finished cells in this database: run `taps-bench matrix "
                         f"{spec_file}` first, or pass --db with the database it wrote")
@@ -46,13 +60,7 @@ def report(obj: Context, spec_file: str, db: str | None, fmt: str, out: str | No
                    published=published(), target_labels=target_labels(obj), roles=drafter_roles(obj, names),
                    task_domains=task_domains(obj, list(spec.tasks)))
     result["coverage"] = f"{len(measured)} of {planned} cells of the matrix are stored and finished"
-    text = markdown(result) if fmt == "markdown" else html(result)
-    if out is None:
-        click.echo(text, nl=not text.endswith("\n"))
-        return
-    write_atomic(Path(out), text if text.endswith("\n") else text + "\n")
-    click.echo(f"report: {len(result['tables'])} tables, {sum(len(c) for _, c in result['claims'])} claims -> {out}",
-               err=True)
+    return result
 
 
 def stored_cells(store: Any, spec: Any) -> tuple[list[dict[str, Any]], int]:

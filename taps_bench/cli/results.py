@@ -51,9 +51,12 @@ def leaderboard() -> None:
               help="Directory for the site: new, empty, or an earlier site (only the files that build wrote are "
                    "replaced; others are kept).")
 @click.option("--title", default="taps-bench leaderboard", show_default=True)
+@click.option("--report", "reports", multiple=True, metavar="MATRIX",
+              help="Also publish `taps-bench report MATRIX` as a page of the site (repeatable).")
 @click.pass_obj
-def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> None:
+def leaderboard_build(obj: Context, db: str | None, out: str, title: str, reports: tuple[str, ...]) -> None:
     """Render every stored run as a self-contained static site (open OUT/index.html, also from file://)."""
+    from taps_bench.cli.report import html, study_report
     from taps_bench.results.store import Store
     from taps_bench.site.publish import previous_site
     from taps_bench.site.render import build
@@ -61,5 +64,10 @@ def leaderboard_build(obj: Context, db: str | None, out: str, title: str) -> Non
     target = Path(out).expanduser().resolve()
     previous_site(target)  # refuses a file or somebody else's directory before the database is even opened
     with Store(db_url(db), readonly=True) as store:
-        result = build(store, target, obj.registry, title)
+        # Every report is made before the site is touched: a matrix without cells fails the build, not half of it.
+        studies = {}
+        for spec_file in reports:
+            result = study_report(obj, spec_file, store)
+            studies[result["matrix"]] = html(result)
+        result = build(store, target, obj.registry, title, studies=studies)
     click.echo(f"leaderboard: {result['boards']} boards, {result['rows']} rows -> {target / 'index.html'}")

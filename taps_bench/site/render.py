@@ -47,6 +47,7 @@ from taps_bench.site.drilldown import (
 from taps_bench.site.publish import SiteFiles, publish
 from taps_bench.site.redact import redact, redact_text
 from taps_bench.site.reproduce import row_commands
+from taps_bench.site.rows import slugify
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_SHOWN_JSON = 50_000  # characters of stored settings or provenance shown on a page
@@ -159,17 +160,19 @@ def _node_charts(board: Board) -> list[Any]:
 
 
 def build(store: Store, out: Path, reg: Registry | None = None, title: str = "taps-bench leaderboard",
-          schema: Schema | None = None, warn: Callable[[str], None] | None = None) -> dict:
+          schema: Schema | None = None, warn: Callable[[str], None] | None = None,
+          studies: dict[str, str] | None = None) -> dict:
     """Render the site into `out` (see `site.publish`: into a temporary directory first, then swapped in; a
     directory that is not an earlier site is refused; a failed build leaves the previous site as it was). Returns
     counts for the CLI. `schema`: the shipped one unless given. `warn`: where a row's unavailable card is reported
-    (one line each; stderr unless given)."""
+    (one line each; stderr unless given). `studies`: finished pages (a matrix's name -> the HTML of its
+    `taps-bench report`), published as `studies/<slug>.html` and linked from every page's header."""
     schema = schema or load_schema()
     boards: list[Board] = []
 
     def render(files: SiteFiles) -> None:
         boards.extend(collect(store, schema, reg))
-        _render(files, boards, schema, reg, title, warn or _stderr)
+        _render(files, boards, schema, reg, title, warn or _stderr, studies or {})
 
     publish(out, render)
     return {"boards": len(boards), "rows": sum(len(b.rows) for b in boards), "out": str(out)}
@@ -180,14 +183,18 @@ def _stderr(message: str) -> None:
 
 
 def _render(files: SiteFiles, boards: list[Board], schema: Schema, reg: Registry | None, title: str,
-            warn: Callable[[str], None]) -> None:
+            warn: Callable[[str], None], studies: dict[str, str]) -> None:
     from taps_bench import __version__
 
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     # No database URL and no local path on any page (the site is published): stored data is shown redacted.
-    common = {"schema": schema, "value": metric_value, "title": title, "built": built, "version": __version__}
+    pages = [(name, f"studies/{slugify(name)}.html") for name in sorted(studies)]
+    for name, path in pages:
+        files.write(path, studies[name])  # rendered and escaped by the report's own template
+    common = {"schema": schema, "value": metric_value, "title": title, "built": built, "version": __version__,
+              "studies": pages}
     views = []
     for board in boards:
         downloads = _write_downloads(files, f"board-{board.slug}", _table_records(schema, board, reg))
