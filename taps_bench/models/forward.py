@@ -36,9 +36,12 @@ MAX_ROPE_TABLE = 32768  # positions precomputed once per model; longer contexts 
 class Linear:
     """y = x W^T (+ b). Pre-packed for oneDNN on CPU float32, else plain `F.linear`.
 
-    The packed kernel is batch-invariant (a row's result is bit-identical at 1 row or 60). The fallback pads to
-    at least `MIN_ROWS` rows, the smallest count from which MKL and oneDNN pick one kernel for every row count
-    (below it they switch to matrix-vector code that rounds differently)."""
+    The packed kernel is batch-invariant from two rows on (a row's result is bit-identical at 2 rows or 60). One row
+    may meet another kernel: on AVX-512 Xeons oneDNN computes a lone row with more than 1024 inputs by matrix-vector
+    code that rounds differently. Which weights do is probed once, when the weight is packed (`pad_single`), and a
+    lone row is then computed as two (3-4% slower there; weights that do not need it keep the one-row kernel, so
+    the autoregressive arm is not slowed for nothing). The fallback pads to at least `MIN_ROWS` rows, the smallest
+    count from which MKL and oneDNN pick one kernel for every row count."""
 
     MIN_ROWS = 8
 
@@ -46,13 +49,22 @@ class Linear:
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.out_features = int(weight.shape[0])
         self.packed: Tensor | None = None
+        self.pad_single = False
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and packing_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+            probe = torch.randn(2, int(weight.shape[1]), generator=torch.Generator().manual_seed(0))
+            self.pad_single = not torch.equal(self._packed(probe[:1]), self._packed(probe)[:1])
+
+    def _packed(self, x: Tensor) -> Tensor:
+        assert self.packed is not None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         rows = x.shape[0]
+        if self.packed is not None:
+            if rows == 1 and self.pad_single:
+                return self._packed(torch.cat([x, x.new_zeros(1, x.shape[1])]))[:1]
+            return self._packed(x)
         if rows < self.MIN_ROWS:
             x = torch.cat([x, x.new_zeros(self.MIN_ROWS - rows, x.shape[1])])
         return F.linear(x, self.weight, self.bias)[:rows]
