@@ -192,6 +192,19 @@ def test_specialisation_holds_in_the_claimed_direction_on_each_task() -> None:
     assert [c["tau_verdict"] for c in claims(worse, ROLES) if c["claim"] == "specialisation"] == [FAILS]
 
 
+def test_specialisation_names_its_pair_when_a_method_has_several() -> None:
+    """Two chat drafters of one method (the averaging study's pair): each statement names which two it compares."""
+    other = ProposerSpec(drafter="sharegpt-eagle2-b")
+    roles = {**ROLES, "sharegpt-eagle2-b": {"method": "eagle2", "domain": "chat"}}
+    measured = cells({MATH: {"gsm8k": 3.0}, CHAT: {"gsm8k": 2.4}, other: {"gsm8k": 2.5}})
+    found = [c["statement"] for c in claims(measured, roles) if c["claim"] == "specialisation"]
+    assert len(found) == len(set(found)) == 2
+    assert any("above sharegpt-eagle2-b)" in f for f in found)
+    alone = cells({MATH: {"gsm8k": 3.0}, CHAT: {"gsm8k": 2.4}})
+    assert [c["statement"] for c in claims(alone, ROLES) if c["claim"] == "specialisation"] == [
+        "eagle2: math drafter above chat drafter on gsm8k"]
+
+
 def test_claims_whose_rows_are_missing_are_not_measured() -> None:
     out = claims(cells({MATH: {"gsm8k": 3.0}, CHAT: {"gsm8k": 2.4}}), ROLES)
     missing = {c["claim"]: c for c in out if c["tau_verdict"] == NOT_MEASURED}

@@ -210,6 +210,8 @@ def _specialisation(board: tuple[str, float], rows: Rows, roles: dict[str, dict[
             by_method[role.get("method", "")][role.get("domain", "")].append(p)
     out = []
     for method, domains in by_method.items():
+        # With more than one math or chat drafter of a method, a statement names its pair (else they read alike).
+        several = len(domains.get("math", [])) > 1 or len(domains.get("chat", [])) > 1
         for math in domains.get("math", []):
             for chat in domains.get("chat", []):
                 for task in (t for t in rows[math] if t in rows[chat]):
@@ -217,6 +219,8 @@ def _specialisation(board: tuple[str, float], rows: Rows, roles: dict[str, dict[
                         continue  # a task of neither kind: the paper claims nothing about it
                     better, worse = (math, chat) if domain == "math" else (chat, math)
                     what = "math drafter above chat drafter" if better is math else "chat drafter above math drafter"
+                    if several:
+                        what += f" ({label(better)} above {label(worse)})"
                     what += f" on {task}"
                     out.append(_claim("specialisation", f"{method}: {what}" if method else what, board, task,
                                       (better, rows[better]), (worse, rows[worse])))
