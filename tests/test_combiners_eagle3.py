@@ -277,7 +277,7 @@ def test_a_combiner_of_eagle2_drafters_only_declares_no_taps():
 def test_sampling_through_a_mixed_routing_combiner_keeps_the_target_distribution():
     """Chi-square on the first three emitted tokens and on the pair of the second and third, with per-step
     confidence routing between an EAGLE-2 drafter and an EAGLE-3 drafter over 6 of the 10 target tokens."""
-    from test_sampling import CONFIGS, PROMPT, chi2_pvalue, exact
+    from test_sampling import CONFIGS, PROMPT, assert_target_distribution, exact
     from test_sampling import VOCAB as V
 
     model = tiny_target("llama", seed=11, vocab=V, hidden=16, layers=7, heads=2, kv_heads=1, std=0.3)
@@ -297,13 +297,7 @@ def test_sampling_through_a_mixed_routing_combiner_keeps_the_target_distribution
         accepted += sum(g.counters.accept_lengths)
     assert chosen == {"e2", "e3"}  # both members' trees were verified
     assert 0.05 * n < accepted  # acceptance and, with 3 tokens, rejections and corrections were exercised
-    joint12 = p1[:, None] * p2
-    count = np.bincount
-    assert chi2_pvalue(count(samples[:, 0], minlength=V), p1) > 1e-3
-    assert chi2_pvalue(count(samples[:, 1], minlength=V), joint12.sum(0)) > 1e-3
-    assert chi2_pvalue(count(samples[:, 2], minlength=V), np.einsum("xy,xyz->z", joint12, p3)) > 1e-3
-    pairs = count(samples[:, 1] * V + samples[:, 2], minlength=V * V)
-    assert chi2_pvalue(pairs, np.einsum("xy,xyz->yz", joint12, p3)) > 1e-3
+    assert_target_distribution(samples, p1, p2, p3)
 
 
 # -- build_proposer: combiners take checkpoints of both families -------------------------------------------------

@@ -27,6 +27,7 @@ from test_sampling import (
     N_RULE,
     PROMPT,
     VOCAB,
+    assert_target_distribution,
     chi2_pvalue,
     exact,
     first_trees,
@@ -314,13 +315,7 @@ def test_generate_with_pld_samples_the_target_distribution(target, copying, conf
     p1, p2, p3 = exact(target, s)
     proposer = Counting(PromptLookup(num_pred_tokens=3))
     samples = sample_generate(target, proposer, s, N_E2E, 300_000)
-    joint12 = p1[:, None] * p2
-    count = np.bincount
-    assert chi2_pvalue(count(samples[:, 0], minlength=VOCAB), p1) > 1e-3
-    assert chi2_pvalue(count(samples[:, 1], minlength=VOCAB), joint12.sum(0)) > 1e-3
-    assert chi2_pvalue(count(samples[:, 2], minlength=VOCAB), np.einsum("xy,xyz->z", joint12, p3)) > 1e-3
-    pairs = count(samples[:, 1] * VOCAB + samples[:, 2], minlength=VOCAB * VOCAB)
-    assert chi2_pvalue(pairs, np.einsum("xy,xyz->yz", joint12, p3)) > 1e-3
+    assert_target_distribution(samples, p1, p2, p3)
     assert proposer.accepted > 0.1 * N_E2E  # copies were accepted, in samples of two verify steps at most
 
 

@@ -154,6 +154,19 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(chisquare(f_obs, f_exp).pvalue)
 
 
+def assert_target_distribution(samples: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> None:
+    """Samples of three tokens [n, 3] follow the target's processed distribution: chi-square on each of the three
+    tokens' marginals and on the joint of the second and third (which a rule that only gets marginals right fails)."""
+    vocab = len(p1)
+    joint12 = p1[:, None] * p2
+    count = np.bincount
+    assert chi2_pvalue(count(samples[:, 0], minlength=vocab), p1) > 1e-3
+    assert chi2_pvalue(count(samples[:, 1], minlength=vocab), joint12.sum(0)) > 1e-3
+    assert chi2_pvalue(count(samples[:, 2], minlength=vocab), np.einsum("xy,xyz->z", joint12, p3)) > 1e-3
+    pairs = count(samples[:, 1] * vocab + samples[:, 2], minlength=vocab * vocab)
+    assert chi2_pvalue(pairs, np.einsum("xy,xyz->yz", joint12, p3)) > 1e-3
+
+
 # -- proposers for the sampling tests --------------------------------------------------------------------------
 
 
@@ -335,15 +348,7 @@ def test_generate_samples_the_target_distribution(target, kind, config):
     s = CONFIGS[config]
     p1, p2, p3 = exact(target, s)
     samples = sample_generate(target, make_proposer(kind, target), s, N_E2E, seed=100_000)
-    joint12 = p1[:, None] * p2
-    second = joint12.sum(0)
-    third = np.einsum("xy,xyz->z", joint12, p3)
-    count = np.bincount
-    assert chi2_pvalue(count(samples[:, 0], minlength=VOCAB), p1) > 1e-3
-    assert chi2_pvalue(count(samples[:, 1], minlength=VOCAB), second) > 1e-3
-    assert chi2_pvalue(count(samples[:, 2], minlength=VOCAB), third) > 1e-3
-    pairs = count(samples[:, 1] * VOCAB + samples[:, 2], minlength=VOCAB * VOCAB)
-    assert chi2_pvalue(pairs, np.einsum("xy,xyz->yz", joint12, p3)) > 1e-3
+    assert_target_distribution(samples, p1, p2, p3)
 
 
 def test_generate_with_a_biased_rule_is_rejected(target, monkeypatch):
