@@ -15,7 +15,7 @@ from conftest import tiny_target
 
 from taps_bench.decoding.tree import ancestor_mask
 from taps_bench.models.attention import NEAR_DEPTH, Cache
-from taps_bench.models.forward import Linear, packing_available, prefill, prepare
+from taps_bench.models.forward import Linear, native_bf16, packing_available, prefill, prepare
 from taps_bench.models.forward import extend as extend_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,17 +114,22 @@ def test_tree_deeper_than_the_attention_window_is_refused():
 # Inner sizes of the targets' projections (SmolLM2's MLP down projection reads 1536): on an AVX-512 Xeon, oneDNN
 # computes a single row with K > 1024 by another kernel than two or more rows, which rounds differently.
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 80), (576, 1536), (64, 4096)])
-def test_prepacked_linear_is_available_and_row_invariant(out_features: int, in_features: int):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_is_available_and_row_invariant(out_features: int, in_features: int, dtype: torch.dtype):
     """oneDNN's pre-packed linear is a private torch API (pinned with torch in pyproject): the speed of the CPU engine
-    rests on it, so its absence is a failure here, not a silent fallback. A row's result must not depend on how many
-    rows are computed with it, one row included."""
-    assert packing_available(), "torch.ops.mkldnn._reorder_linear_weight/_linear_pointwise no longer work"
+    rests on it, so its absence is a failure here, not a silent fallback (bfloat16: on CPUs with bf16 units). A row's
+    result must not depend on how many rows are computed with it, one row included."""
+    if dtype == torch.bfloat16 and not native_bf16():
+        pytest.skip("no bf16 units: bfloat16 weights are not packed on this CPU")
+    assert packing_available(dtype), "torch.ops.mkldnn._reorder_linear_weight/_linear_pointwise no longer work"
     g = torch.Generator().manual_seed(0)
-    lin = Linear(torch.randn(out_features, in_features, generator=g) * 0.05, torch.randn(out_features, generator=g))
+    weight, bias = torch.randn(out_features, in_features, generator=g) * 0.05, torch.randn(out_features, generator=g)
+    lin = Linear(weight.to(dtype), bias.to(dtype))
     assert lin.packed is not None
-    x = torch.randn(64, in_features, generator=g)
+    x = torch.randn(64, in_features, generator=g).to(dtype)
     full = lin(x)
-    torch.testing.assert_close(full, x @ lin.weight.T + lin.bias, atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(full.float(), x.float() @ lin.weight.float().T + lin.bias.float(), atol=tol, rtol=tol)
     for rows in (1, 2, 3, 7, 8, 16, 33):
         assert torch.equal(lin(x[:rows]), full[:rows]), f"{rows} rows"
 

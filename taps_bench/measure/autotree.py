@@ -31,7 +31,7 @@ from taps_bench.decoding.engine import features, generate, new_cache, prefill, v
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.sampling import Sampling
 from taps_bench.decoding.tree import DraftTree
-from taps_bench.models.forward import prepare
+from taps_bench.models.forward import packing_available, prepare
 from taps_bench.models.targets import Target
 from taps_bench.paths import home, write_atomic
 
@@ -39,7 +39,9 @@ CALIBRATION_TREE = TreeSettings(total_tokens=128, depth=7, top_k=10)
 TOTALS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEPTHS = tuple(range(1, CALIBRATION_TREE.depth + 1))
 TOP_KS = (1, 2, 3, 4, 6, 8, 10)
-PROFILE_VERSION = 2  # 2: drafting timed in steady state (1: the whole context re-read per call)
+# 2: drafting timed in steady state (1: the whole context re-read per call); 3: bfloat16 weights pre-packed where
+# the CPU has bf16 units
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -61,7 +63,10 @@ class DeviceProfile:
 def profile_key(target: Target, drafting: str) -> dict[str, Any]:
     return {"version": PROFILE_VERSION, "target": target.name, "checkpoint": target.checkpoint_hash[:16],
             "device": _device_name(target.device), "dtype": str(target.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "drafting": drafting}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "drafting": drafting,
+            # which kernels the forward and the draft head get here: the same CPU name may or may not have bf16 units
+            "packed": [name for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+                       if target.device.type == "cpu" and packing_available(dt)]}
 
 
 def _device_name(device: torch.device) -> str:

@@ -23,7 +23,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from taps_bench.errors import UserError
-from taps_bench.models.forward import Linear
+from taps_bench.models.forward import Linear, native_bf16
 
 
 @dataclass
@@ -138,13 +138,8 @@ class Drafter(nn.Module):
 
 
 def has_bf16_matmul() -> bool:
-    if torch.cuda.is_available():
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """A CUDA device, or a CPU with bf16 dot-product units (`forward.native_bf16`)."""
+    return torch.cuda.is_available() or native_bf16()
 
 
 def vocab_head(lm_head: nn.Module, dtype: str) -> Callable[[Tensor], Tensor]:

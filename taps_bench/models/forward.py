@@ -5,8 +5,8 @@ Why not call the transformers modules: on a CPU they are the reason speculative 
 cache concatenates, and their kernels round differently depending on how many rows are computed together, so a tree
 node's logits were not the logits a single-token forward gives at that position. Here:
 
-- every projection goes through `Linear`, which pre-packs its weight for oneDNN where it can (float32 on x86), a kernel
-  whose rows do not depend on each other;
+- every projection goes through `Linear`, which pre-packs its weight for oneDNN where it can (float32 on x86, and
+  bfloat16 where the CPU has bf16 units), a kernel whose rows do not depend on each other (probed per weight);
 - the KV cache is static (`Cache`), compacted in place after each step;
 - attention is computed so that a row's result depends only on its own query and the keys it may see, in position
   order, never on which other rows share the forward (see `attention.py`);
@@ -34,26 +34,33 @@ MAX_ROPE_TABLE = 32768  # positions precomputed once per model; longer contexts 
 
 
 class Linear:
-    """y = x W^T (+ b). Pre-packed for oneDNN on CPU float32, else plain `F.linear`.
+    """y = x W^T (+ b). Pre-packed for oneDNN on CPU (float32; bfloat16 where the CPU has bf16 units), else plain
+    `F.linear`.
 
     The packed kernel is batch-invariant from two rows on (a row's result is bit-identical at 2 rows or 60). One row
     may meet another kernel: on AVX-512 Xeons oneDNN computes a lone row with more than 1024 inputs by matrix-vector
-    code that rounds differently. Which weights do is probed once, when the weight is packed (`pad_single`), and a
-    lone row is then computed as two (3-4% slower there; weights that do not need it keep the one-row kernel, so
-    the autoregressive arm is not slowed for nothing). The fallback pads to at least `MIN_ROWS` rows, the smallest
-    count from which MKL and oneDNN pick one kernel for every row count."""
+    code that rounds differently. Both are probed once, when the weight is packed: a lone row that rounds differently
+    is then computed as two (`pad_single`; 3-4% slower there; weights that do not need it keep the one-row kernel,
+    so the autoregressive arm is not slowed for nothing), and a weight whose larger row counts disagree is not
+    packed at all. The fallback pads to at least `MIN_ROWS` rows, the smallest count from which MKL and oneDNN pick
+    one kernel for every row count."""
 
     MIN_ROWS = 8
+    PROBE_ROWS = (2, 3, 8, 16)  # compared with the same rows of a 17-row product
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.out_features = int(weight.shape[0])
         self.packed: Tensor | None = None
         self.pad_single = False
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and packing_available():
+        if weight.device.type == "cpu" and packing_available(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
-            probe = torch.randn(2, int(weight.shape[1]), generator=torch.Generator().manual_seed(0))
-            self.pad_single = not torch.equal(self._packed(probe[:1]), self._packed(probe)[:1])
+            probe = torch.randn(17, int(weight.shape[1]), generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+            full = self._packed(probe)
+            if all(torch.equal(self._packed(probe[:rows]), full[:rows]) for rows in self.PROBE_ROWS):
+                self.pad_single = not torch.equal(self._packed(probe[:1]), full[:1])
+            else:
+                self.packed = None
 
     def _packed(self, x: Tensor) -> Tensor:
         assert self.packed is not None
@@ -70,22 +77,32 @@ class Linear:
         return F.linear(x, self.weight, self.bias)[:rows]
 
 
-_PACKING: bool | None = None
+_PACKING: dict[torch.dtype, bool] = {}
 
 
-def packing_available() -> bool:
-    """oneDNN's pre-packed linear is a private torch API (what inductor's freezing pass emits): probe it once."""
-    global _PACKING
-    if _PACKING is None:
-        try:
-            w = torch.randn(16, 8)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            x = torch.randn(3, 8)
-            got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _PACKING = bool(torch.allclose(got, x @ w.T, atol=1e-5))
-        except (RuntimeError, AttributeError):
-            _PACKING = False
-    return _PACKING
+def native_bf16() -> bool:
+    """bf16 dot-product units (AVX512-BF16 or AMX): without them oneDNN emulates bf16 products and is no faster
+    than float32, so bfloat16 weights are not packed there."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's pre-packed linear is a private torch API (what inductor's freezing pass emits): probe it once per
+    dtype (float32, and bfloat16 on CPUs with bf16 units)."""
+    if dtype not in _PACKING:
+        ok = dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
+        if ok:
+            try:
+                w = torch.randn(16, 8).to(dtype)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                x = torch.randn(3, 8).to(dtype)
+                got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+                ok = bool(torch.allclose(got.float(), x.float() @ w.float().T, atol=tol, rtol=tol))
+            except (RuntimeError, AttributeError):
+                ok = False
+        _PACKING[dtype] = ok
+    return _PACKING[dtype]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
