@@ -343,6 +343,21 @@ def test_cpu_recipes_start_from_independent_initialisations_but_one_pair(registr
     assert differ == {"name", "description", "init_seed", "origin"}
 
 
+def test_train_from_flags_alone_or_a_renamed_recipe_needs_no_description(registry):
+    """`taps-bench train --corpus ... --method ... --name ...` (the README's longer-training command) and a renamed
+    variant of a recipe: the card's required description is the one the build writes, not an error."""
+    from taps_bench.training.build import recipe_from_flags
+
+    target = "smollm2-135m-instruct"
+    flags = recipe_from_flags(registry, None, target, {"corpus": "mathinstruct:1200", "method": "eagle2",
+                                                       "name": "math-4ep", "epochs": 2, "max_len": 384})
+    assert (flags.name, flags.method, flags.epochs, flags.description) == ("math-4ep", "eagle2", 2, "")
+    renamed = recipe_from_flags(registry, "mathinstruct-hass", target, {"name": "my-hass", "epochs": 4})
+    assert (renamed.corpus, renamed.method, renamed.epochs, renamed.description) == ("mathinstruct:1200", "hass", 4, "")
+    own = recipe_from_flags(registry, "mathinstruct-hass", target, {})
+    assert own.description == registry.recipe("mathinstruct-hass").description
+
+
 class Killed(Exception):
     pass
 

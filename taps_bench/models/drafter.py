@@ -167,8 +167,9 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def draft_head(lm_head: nn.Module, dtype: str, rows: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """`vocab_head` for drafting only (no autograd): float32 logits [n, V] from features [n, H], or [n, len(rows)]
-    over the lm_head rows `rows` (a reduced draft vocabulary), through a pre-packed `forward.Linear` (float32 on
-    CPU). Built once per (lm_head, dtype, rows) and shared: the proposers of a combiner read the same head."""
+    over the lm_head rows `rows` (a reduced draft vocabulary), through a pre-packed `forward.Linear` (float32, and
+    bfloat16 on CPUs with bf16 units). Built once per (lm_head, dtype, rows) and shared: the proposers of a combiner
+    read the same head."""
     if dtype == "auto":
         dtype = "bfloat16" if has_bf16_matmul() else "target"
     if dtype != "target" and dtype not in DTYPE_NAMES:
@@ -181,7 +182,8 @@ def draft_head(lm_head: nn.Module, dtype: str, rows: Tensor | None = None) -> Ca
         if rows is not None:
             index = rows.to(weight.device)
             weight, bias = weight[index], None if bias is None else bias[index]
-        heads[key] = Linear(weight.to(dt).contiguous(), None if bias is None else bias.detach().to(dt))
+        # exact=False: the head only proposes (the target verifies), so a bf16 head may be packed (see `Linear`).
+        heads[key] = Linear(weight.to(dt).contiguous(), None if bias is None else bias.detach().to(dt), exact=False)
     head = heads[key]
     return lambda h: head(h.to(dt)).float()
 

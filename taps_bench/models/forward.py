@@ -5,8 +5,8 @@ Why not call the transformers modules: on a CPU they are the reason speculative 
 cache concatenates, and their kernels round differently depending on how many rows are computed together, so a tree
 node's logits were not the logits a single-token forward gives at that position. Here:
 
-- every projection goes through `Linear`, which pre-packs its weight for oneDNN where it can (float32 on x86, and
-  bfloat16 where the CPU has bf16 units), a kernel whose rows do not depend on each other (probed per weight);
+- every projection goes through `Linear`, which pre-packs its weight for oneDNN where it can (float32 on x86), a kernel
+  whose rows do not depend on each other (probed per weight);
 - the KV cache is static (`Cache`), compacted in place after each step;
 - attention is computed so that a row's result depends only on its own query and the keys it may see, in position
   order, never on which other rows share the forward (see `attention.py`);
@@ -34,8 +34,13 @@ MAX_ROPE_TABLE = 32768  # positions precomputed once per model; longer contexts 
 
 
 class Linear:
-    """y = x W^T (+ b). Pre-packed for oneDNN on CPU (float32; bfloat16 where the CPU has bf16 units), else plain
-    `F.linear`.
+    """y = x W^T (+ b). Pre-packed for oneDNN on CPU float32, else plain `F.linear`; with `exact=False` (the draft
+    head, whose rounding never reaches an output) bfloat16 too, where the CPU has bf16 units.
+
+    Why not bfloat16 for the target: a bf16 product rounds its output to 8 bits, which hides a kernel's other summation
+    order from any small probe (it shows only where it flips a rounding), yet over a whole model such flips happen:
+    packed bf16 weights made greedy GSM8K outputs diverge from autoregressive ones on 33 of 50 prompts
+    (`tests/test_forward.py` checks a real 16-node tree in bf16). The padded `F.linear` fallback is invariant there.
 
     The packed kernel is batch-invariant from two rows on (a row's result is bit-identical at 2 rows or 60). One row
     may meet another kernel: on AVX-512 Xeons oneDNN computes a lone row with more than 1024 inputs by matrix-vector
@@ -48,12 +53,13 @@ class Linear:
     MIN_ROWS = 8
     PROBE_ROWS = (2, 3, 8, 16)  # compared with the same rows of a 17-row product
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, exact: bool = True) -> None:
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.out_features = int(weight.shape[0])
         self.packed: Tensor | None = None
         self.pad_single = False
-        if weight.device.type == "cpu" and packing_available(weight.dtype):
+        packable = weight.dtype == torch.float32 or not exact
+        if weight.device.type == "cpu" and packable and packing_available(weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
             probe = torch.randn(17, int(weight.shape[1]), generator=torch.Generator().manual_seed(0)).to(weight.dtype)
             full = self._packed(probe)

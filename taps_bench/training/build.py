@@ -165,8 +165,9 @@ def recipe_from_flags(reg: Registry, recipe: str | None, target: str, given: dic
                         "name")
     merged = base.model_dump(exclude={"origin"}) if base else {"name": "unnamed", "description": "", "corpus": ""}
     merged |= {k: v for k, v in given.items() if v is not None} | {"target": target_card.name}
-    if base is not None and given.get("name") is not None:  # a renamed variant is not the recipe's drafter
-        merged["description"] = ""
+    own = bool(base) and given.get("name") is None  # a renamed variant is not the recipe's drafter
+    # A card needs a description; a drafter built from flags gets the one `build_drafter` writes (cleared below).
+    merged["description"] = merged["description"] if own else "built from flags"
     try:
         spec = RecipeCard(**merged)
     except ValidationError as exc:
@@ -178,7 +179,7 @@ def recipe_from_flags(reg: Registry, recipe: str | None, target: str, given: dic
         raise UserError("no corpus: give a recipe or a corpus spec (see `taps-bench list corpora`)")
     for part in parse_spec(spec.corpus):
         reg.corpus(part.corpus)
-    return spec
+    return spec if own else spec.model_copy(update={"description": ""})
 
 
 def _version(package: str) -> str | None:
