@@ -118,8 +118,7 @@ def test_tree_deeper_than_the_attention_window_is_refused():
 def test_prepacked_linear_is_available_and_row_invariant(out_features: int, in_features: int, dtype: torch.dtype):
     """oneDNN's pre-packed linear is a private torch API (pinned with torch in pyproject): the speed of the CPU engine
     rests on it, so its absence is a failure here, not a silent fallback (bfloat16, for the draft head: on CPUs with
-    bf16 units). A row's
-    result must not depend on how many rows are computed with it, one row included."""
+    bf16 units). A row's result must not depend on how many rows are computed with it, one row included."""
     if dtype == torch.bfloat16 and not native_bf16():
         pytest.skip("no bf16 units: bfloat16 weights are not packed on this CPU")
     assert packing_available(dtype), "torch.ops.mkldnn._reorder_linear_weight/_linear_pointwise no longer work"

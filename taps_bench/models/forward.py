@@ -44,11 +44,11 @@ class Linear:
 
     The packed kernel is batch-invariant from two rows on (a row's result is bit-identical at 2 rows or 60). One row
     may meet another kernel: on AVX-512 Xeons oneDNN computes a lone row with more than 1024 inputs by matrix-vector
-    code that rounds differently. Both are probed once, when the weight is packed: a lone row that rounds differently
-    is then computed as two (`pad_single`; 3-4% slower there; weights that do not need it keep the one-row kernel,
-    so the autoregressive arm is not slowed for nothing), and a weight whose larger row counts disagree is not
-    packed at all. The fallback pads to at least `MIN_ROWS` rows, the smallest count from which MKL and oneDNN pick
-    one kernel for every row count."""
+    code that rounds differently. Row counts are probed once, when the weight is packed: a lone row that rounds
+    differently is then computed as two (`pad_single`; 3-4% slower there; weights that do not need it keep the
+    one-row kernel, so the autoregressive arm is not slowed for nothing), and a weight whose larger row counts
+    disagree is not packed at all. The fallback pads to at least `MIN_ROWS` rows, the smallest count from which MKL
+    and oneDNN pick one kernel for every row count."""
 
     MIN_ROWS = 8
     PROBE_ROWS = (2, 3, 8, 16)  # compared with the same rows of a 17-row product
@@ -89,7 +89,8 @@ _PACKING: dict[torch.dtype, bool] = {}
 def native_bf16() -> bool:
     """bf16 dot-product units (AVX512-BF16 or AMX): without them oneDNN emulates bf16 products and is no faster
     than float32, so bfloat16 weights are not packed there."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: absent reads as no
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def packing_available(dtype: torch.dtype = torch.float32) -> bool:
