@@ -114,31 +114,53 @@ def test_tree_deeper_than_the_attention_window_is_refused():
 # Inner sizes of the targets' projections (SmolLM2's MLP down projection reads 1536): on an AVX-512 Xeon, oneDNN
 # computes a single row with K > 1024 by another kernel than two or more rows, which rounds differently.
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 80), (576, 1536), (64, 4096)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_linear_is_available_and_row_invariant(out_features: int, in_features: int, dtype: torch.dtype):
+def test_prepacked_linear_is_available_and_row_invariant(out_features: int, in_features: int):
     """oneDNN's pre-packed linear is a private torch API (pinned with torch in pyproject): the speed of the CPU engine
-    rests on it, so its absence is a failure here, not a silent fallback (bfloat16, for the draft head: on CPUs with
-    bf16 units). A row's result must not depend on how many rows are computed with it, one row included."""
-    if dtype == torch.bfloat16 and not native_bf16():
-        pytest.skip("no bf16 units: bfloat16 weights are not packed on this CPU")
-    assert packing_available(dtype), "torch.ops.mkldnn._reorder_linear_weight/_linear_pointwise no longer work"
+    rests on it, so its absence is a failure here, not a silent fallback. A row's result must not depend on how many
+    rows are computed with it, one row included."""
+    assert packing_available(torch.float32), "torch.ops.mkldnn._reorder_linear_weight/_linear_pointwise no longer work"
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(out_features, in_features, generator=g) * 0.05, torch.randn(out_features, generator=g)
-    lin = Linear(weight.to(dtype), bias.to(dtype), exact=dtype == torch.float32)  # bf16: the draft head's packing
+    lin = Linear(weight, bias)
     assert lin.packed is not None
-    x = torch.randn(64, in_features, generator=g).to(dtype)
+    x = torch.randn(64, in_features, generator=g)
     full = lin(x)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(full.float(), x.float() @ lin.weight.float().T + lin.bias.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(full, x @ weight.T + bias, atol=1e-4, rtol=1e-4)
     for rows in (1, 2, 3, 7, 8, 16, 33):
         assert torch.equal(lin(x[:rows]), full[:rows]), f"{rows} rows"
 
 
-def test_bfloat16_weights_of_the_target_are_not_packed():
-    """A bf16 product's output rounding hides another summation order from the packing probe (see `Linear`), so
-    the target's bf16 weights keep the padded `F.linear`, which is row-invariant from 8 rows."""
-    lin = Linear(torch.randn(64, 96).bfloat16())
-    assert lin.packed is None
+def test_bfloat16_draft_head_is_packed_where_the_cpu_has_bf16_units():
+    """The draft head's speed on CPU: bf16 weights packed for the bf16 kernel (not row-invariant on AMX CPUs, which
+    only proposals see), never where bf16 is emulated."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(576, 1536, generator=g) * 0.05).bfloat16()
+    lin = Linear(weight, exact=False)
+    if not native_bf16():
+        assert lin.packed is None or lin.upcast
+        return
+    assert packing_available(torch.bfloat16) and lin.packed is not None and not lin.upcast
+    x = torch.randn(16, 1536, generator=g).bfloat16()
+    torch.testing.assert_close(lin(x).float(), x.float() @ weight.float().T, atol=2e-2, rtol=2e-2)
+    assert torch.equal(lin(x), lin(x))
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(576, 1536), (1536, 576), (64, 96)])
+def test_bfloat16_weights_of_the_target_are_row_invariant(out_features: int, in_features: int):
+    """bf16 kernels switch with the row count on AMX CPUs (576x1536: rows 33 to ~512 against 700 rows), so the
+    target's bf16 weights are computed by the fp32 packed kernel: bf16 in, bf16 out, the same bits at any row count
+    up to the longest prompt chunk."""
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(out_features, in_features, generator=g) * 0.05).bfloat16()
+    lin = Linear(weight)
+    assert lin.upcast and lin.packed is not None
+    x = torch.randn(700, in_features, generator=g).bfloat16()
+    full = lin(x)
+    assert full.dtype == torch.bfloat16
+    torch.testing.assert_close(full.float(), x.float() @ weight.float().T, atol=1e-2, rtol=1e-2)
+    counts = (*range(1, 41), 64, 100, 129, 160, 256, 300, 513)
+    bad = [rows for rows in counts if not torch.equal(lin(x[:rows]), full[:rows])]
+    assert bad == []
 
 
 def test_unsupported_architecture_is_refused():

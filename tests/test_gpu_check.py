@@ -1,7 +1,7 @@
 """bench/gpu_check.py on a tiny model on the CPU: the script a lent GPU runs must work before it gets there.
 
-float32 runs every section (tables print, the checks report no mismatch); bfloat16 runs the two checks on the
-unpacked `F.linear` path, the one CUDA takes."""
+float32 runs every section (tables print, the checks report no mismatch); bfloat16 runs the two checks (on CPU
+its products run in the fp32 kernel over upcast weights, see `forward.Linear`)."""
 
 from __future__ import annotations
 

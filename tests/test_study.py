@@ -31,7 +31,7 @@ from taps_bench.results.study import (
     verdict,
 )
 from taps_bench.results.study_claims import claims, tables
-from taps_bench.results.study_text import markdown, no_paths
+from taps_bench.results.study_text import cell_text, markdown, no_paths
 from taps_bench.results.summaries import tau_interval
 
 STEPS = 1000  # target forwards per synthetic sample: its tau is new_tokens / STEPS to three decimals
@@ -96,6 +96,19 @@ def test_eagle_count_hand_computed() -> None:
     summary = summarize(spec)
     assert summary["tau"] == pytest.approx(15 / 7) and summary["tau_eagle"] == pytest.approx(15 / 5)
     assert summarize([baseline("a", 8, 1.0)])["tau_eagle"] is None  # plain decoding has no verify step
+
+
+def test_cell_shows_conditional_acceptance_per_depth_hand_computed() -> None:
+    # Accept lengths 2, 3, 1, 0, 2 over 5 verify steps: 4 reach depth 1, 3 of those depth 2, 1 of those depth 3,
+    # none of that one depth 4; depth 5 was drafted but no accepted path reached depth 4, so it has no rate.
+    spec = [{**sample("a", 1.0, steps=4), "new_tokens": 10, "accept_lengths": [2, 3, 1],
+             "drafted_by_depth": [3, 3, 3, 3, 3]},
+            {**sample("b", 1.0, steps=3), "new_tokens": 5, "accept_lengths": [0, 2],
+             "drafted_by_depth": [2, 2, 2, 2, 2]}]
+    cell = cell_estimate(spec)
+    assert cell["acceptance"] == pytest.approx([4 / 5, 3 / 4, 1 / 3, 0.0])
+    assert "acc 0.80/0.75/0.33/0.00;" in cell_text(cell)
+    assert "acc" not in cell_text(cell_estimate([sample("c", 1.0)]))  # nothing accepted: no rates to show
 
 
 def test_repeats_pool_into_their_prompt_and_keep_their_own_baseline() -> None:

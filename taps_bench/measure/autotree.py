@@ -40,8 +40,9 @@ TOTALS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DEPTHS = tuple(range(1, CALIBRATION_TREE.depth + 1))
 TOP_KS = (1, 2, 3, 4, 6, 8, 10)
 # 2: drafting timed in steady state (1: the whole context re-read per call); 3: bfloat16 weights pre-packed where
-# the CPU has bf16 units; 4: only the draft head's (the target's bf16 weights broke batch invariance packed)
-PROFILE_VERSION = 4
+# the CPU has bf16 units; 4: only the draft head's (the target's bf16 weights broke batch invariance packed);
+# 5: the target's bf16 weights upcast into the fp32 kernel on CPU (bf16 kernels are not row-invariant on AMX)
+PROFILE_VERSION = 5
 
 
 @dataclass

@@ -82,6 +82,16 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return torch.cat([x, pad], dim=-2)
 
 
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """`torch.bmm`; on CPU, bfloat16 operands are multiplied in float32 and the result rounded back. Why: CPUs with
+    AMX compute bf16 products by kernels that change with the row count well past `MIN_ROWS` (a tree's far product
+    has count x group rows), while fp32 products keep one kernel from `MIN_ROWS` rows on; a product of two bf16
+    values is exact in fp32, so only the summation order is fixed, not the precision changed."""
+    if a.dtype == torch.bfloat16 and a.device.type == "cpu":
+        return torch.bmm(a.float(), b.float()).to(a.dtype)
+    return torch.bmm(a, b)
+
+
 def causal_attention(cache: Cache | None, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Prefill: the prompt's own causal attention (cache empty before; None: keep nothing, as feature extraction
     does). q [n, heads, d] -> [n, heads, d]."""
@@ -143,23 +153,23 @@ def tree_attention(cache: Cache, layer: int, q: Tensor, k: Tensor, v: Tensor, p:
     near_k = keys[:, p.slots].view(kv * n, WINDOW, d)
     near_v = values[:, p.slots].view(kv * n, WINDOW, d + 1)
     qn = _pad_rows(q.transpose(0, 1).reshape(kv * n, group, d), MIN_ROWS)
-    near_s = torch.bmm(qn, near_k.transpose(1, 2))[:, :group].view(kv, n, group, WINDOW)
+    near_s = _bmm(qn, near_k.transpose(1, 2))[:, :group].view(kv, n, group, WINDOW)
     near_s = near_s.masked_fill(p.masked, float("-inf"))
     best = near_s.amax(-1)  # [kv, n, group]: the softmax's shift, exact whatever the order
     far_scores = []
     for boundary, rows, count in p.far:
         m = count * group
         qf = _pad_rows(q[rows].permute(1, 0, 2, 3).reshape(kv, m, d), MIN_ROWS)
-        s = torch.bmm(qf, keys[:, :boundary].transpose(1, 2))[:, :m].view(kv, count, group, boundary)
+        s = _bmm(qf, keys[:, :boundary].transpose(1, 2))[:, :m].view(kv, count, group, boundary)
         far_scores.append(s)
         best[:, rows] = torch.maximum(best[:, rows], s.amax(-1))
 
     # Weighted values; the ones column of the values gives the denominator from the same products.
     weights = torch.exp(near_s - best[..., None]).view(kv * n, group, WINDOW)
-    out = torch.bmm(_pad_rows(weights, MIN_ROWS), near_v)[:, :group].view(kv, n, group, d + 1)
+    out = _bmm(_pad_rows(weights, MIN_ROWS), near_v)[:, :group].view(kv, n, group, d + 1)
     for (boundary, rows, count), s in zip(p.far, far_scores, strict=True):
         m = count * group
         wf = _pad_rows(torch.exp(s - best[:, rows, :, None]).view(kv, m, boundary), MIN_ROWS)
-        out[:, rows] += torch.bmm(wf, values[:, :boundary])[:, :m].view(kv, count, group, d + 1)
+        out[:, rows] += _bmm(wf, values[:, :boundary])[:, :m].view(kv, count, group, d + 1)
     out = out[..., :d] / out[..., d:]
     return out.permute(1, 0, 2, 3).reshape(n, heads, d)

@@ -5,8 +5,8 @@ Why not call the transformers modules: on a CPU they are the reason speculative 
 cache concatenates, and their kernels round differently depending on how many rows are computed together, so a tree
 node's logits were not the logits a single-token forward gives at that position. Here:
 
-- every projection goes through `Linear`, which pre-packs its weight for oneDNN where it can (float32 on x86), a kernel
-  whose rows do not depend on each other (probed per weight);
+- every projection goes through `Linear`, which pre-packs its weight for oneDNN's float32 kernel on CPU (bfloat16
+  weights upcast), a kernel whose rows do not depend on each other (probed per weight);
 - the KV cache is static (`Cache`), compacted in place after each step;
 - attention is computed so that a row's result depends only on its own query and the keys it may see, in position
   order, never on which other rows share the forward (see `attention.py`);
@@ -34,21 +34,29 @@ MAX_ROPE_TABLE = 32768  # positions precomputed once per model; longer contexts 
 
 
 class Linear:
-    """y = x W^T (+ b). Pre-packed for oneDNN on CPU float32, else plain `F.linear`; with `exact=False` (the draft
-    head, whose rounding never reaches an output) bfloat16 too, where the CPU has bf16 units.
+    """y = x W^T (+ b), computed so that a row's result never depends on how many rows are computed with it.
 
-    Why not bfloat16 for the target: a bf16 product rounds its output to 8 bits, which hides a kernel's other summation
-    order from any small probe (it shows only where it flips a rounding), yet over a whole model such flips happen:
-    packed bf16 weights made greedy GSM8K outputs diverge from autoregressive ones on 33 of 50 prompts
-    (`tests/test_forward.py` checks a real 16-node tree in bf16). The padded `F.linear` fallback is invariant there.
+    On CPU every product goes through oneDNN's pre-packed float32 kernel: bfloat16 weights of the target are upcast
+    once and packed in float32 (the products of bf16 values are exact in fp32; only the output is rounded back to
+    bf16). Why not a bf16 kernel for the target: on CPUs with AMX (Sapphire Rapids and later) both oneDNN's packed
+    bf16 kernel and `F.linear` switch kernels with the row count, far beyond what padding can cover (576x1536: rows
+    33 to ~512 round unlike 700 rows; 49152x576: rows 1-32), and a bf16 product's output rounding hides the switch
+    from a small probe. Over a whole model such switches made greedy outputs diverge from autoregressive ones (33
+    of 50 GSM8K prompts with packed bf16 weights). Upcasting costs bf16's halved weight reads, not exactness.
 
-    The packed kernel is batch-invariant from two rows on (a row's result is bit-identical at 2 rows or 60). One row
-    may meet another kernel: on AVX-512 Xeons oneDNN computes a lone row with more than 1024 inputs by matrix-vector
-    code that rounds differently. Row counts are probed once, when the weight is packed: a lone row that rounds
-    differently is then computed as two (`pad_single`; 3-4% slower there; weights that do not need it keep the
-    one-row kernel, so the autoregressive arm is not slowed for nothing), and a weight whose larger row counts
-    disagree is not packed at all. The fallback pads to at least `MIN_ROWS` rows, the smallest count from which MKL
-    and oneDNN pick one kernel for every row count."""
+    With `exact=False` (the draft head, whose rounding never reaches an output: the target verifies every draft) a
+    bf16 weight is packed for oneDNN's bf16 kernel where the CPU has bf16 units, 2.8-4.7x faster than fp32 there.
+    That kernel is not row-invariant on AMX CPUs (a node's draft logits may differ in the last bit with the number of
+    nodes drafted together), and no probe can show it reliably, so none is made: it is fast, deterministic for a
+    given tree, and lossless, not batch-invariant.
+
+    The packed fp32 kernel is batch-invariant from two rows on. One row may meet another kernel: on AVX-512 Xeons
+    oneDNN computes a lone row with more than 1024 inputs by matrix-vector code that rounds differently. Row counts
+    are probed once, when the weight is packed: a lone row that rounds differently is then computed as two
+    (`pad_single`; 3-4% slower there; weights that do not need it keep the one-row kernel, so the autoregressive arm
+    is not slowed for nothing), and a weight whose larger row counts disagree is not packed at all. The unpacked
+    fallback (no oneDNN, or CUDA) pads to at least `MIN_ROWS` rows, the smallest count from which MKL and oneDNN
+    pick one kernel for every row count."""
 
     MIN_ROWS = 8
     PROBE_ROWS = (2, 3, 8, 16)  # compared with the same rows of a 17-row product
@@ -57,27 +65,45 @@ class Linear:
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.out_features = int(weight.shape[0])
         self.packed: Tensor | None = None
+        self.packed_bias: Tensor | None = None
         self.pad_single = False
-        packable = weight.dtype == torch.float32 or not exact
-        if weight.device.type == "cpu" and packable and packing_available(weight.dtype):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
-            probe = torch.randn(17, int(weight.shape[1]), generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-            full = self._packed(probe)
-            if all(torch.equal(self._packed(probe[:rows]), full[:rows]) for rows in self.PROBE_ROWS):
-                self.pad_single = not torch.equal(self._packed(probe[:1]), full[:1])
-            else:
-                self.packed = None
+        self.upcast = False  # bf16 weights computed by the fp32 kernel (output rounded back to bf16)
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            return
+        if weight.dtype == torch.bfloat16 and not exact and packing_available(torch.bfloat16):
+            self.packed, self.packed_bias = torch.ops.mkldnn._reorder_linear_weight(self.weight, None), self.bias
+            return
+        if packing_available(torch.float32):
+            self.upcast = weight.dtype != torch.float32
+            self._pack(self.weight.float(), None if self.bias is None else self.bias.float())
+            if self.packed is None:
+                self.upcast = False
+
+    def _pack(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Pack float32 `weight` if its products at `PROBE_ROWS` rows equal the same rows of a 17-row product."""
+        self.packed, self.packed_bias = torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+        probe = torch.randn(17, int(weight.shape[1]), generator=torch.Generator().manual_seed(0))
+        full = self._packed(probe)
+        if all(torch.equal(self._packed(probe[:rows]), full[:rows]) for rows in self.PROBE_ROWS):
+            self.pad_single = not torch.equal(self._packed(probe[:1]), full[:1])
+        else:
+            self.packed = self.packed_bias = None
 
     def _packed(self, x: Tensor) -> Tensor:
         assert self.packed is not None
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
         if self.packed is not None:
+            dtype = x.dtype
+            if self.upcast:
+                x = x.float()
             if rows == 1 and self.pad_single:
-                return self._packed(torch.cat([x, x.new_zeros(1, x.shape[1])]))[:1]
-            return self._packed(x)
+                y = self._packed(torch.cat([x, x.new_zeros(1, x.shape[1])]))[:1]
+            else:
+                y = self._packed(x)
+            return y.to(dtype) if self.upcast else y
         if rows < self.MIN_ROWS:
             x = torch.cat([x, x.new_zeros(self.MIN_ROWS - rows, x.shape[1])])
         return F.linear(x, self.weight, self.bias)[:rows]

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from taps_bench.results.metrics import speedup, summarize
+from taps_bench.results.metrics import acceptance_by_depth, speedup, summarize
 from taps_bench.results.summaries import bootstrap_interval, speedup_interval, tau_interval
 
 Sample = dict[str, Any]
@@ -56,13 +56,15 @@ def cell_estimate(spec: list[Sample], base: list[Sample] | None = None) -> dict[
 
     Returns: n (prompts), n_samples, tau and tau_ci95 (taps-bench's count: the prefill is a step), tau_eagle and
     tau_eagle_ci95 (EAGLE's count: new tokens / verify steps), speedup (ratio of sums over the matched samples),
-    speedup_ci95 and speedup_n (the prompts it resamples); the speedup fields are None / 0 without a baseline.
-    Intervals are None with fewer than 2 prompts."""
+    speedup_ci95 and speedup_n (the prompts it resamples); the speedup fields are None / 0 without a baseline;
+    acceptance: the conditional acceptance per drafted depth (`metrics.acceptance_by_depth`), up to the deepest
+    depth any accepted path reached. Intervals are None with fewer than 2 prompts."""
     ss = summarize(spec)
     out: dict[str, Any] = {"n": ss["n_questions"], "n_samples": ss["n_samples"], "tau": ss["tau"],
                            "tau_ci95": tau_interval(spec), "tau_eagle": ss["tau_eagle"],
                            "tau_eagle_ci95": tau_interval(eagle_count(spec)) if ss["verify_steps"] else None,
-                           "speedup": None, "speedup_ci95": None, "speedup_n": 0}
+                           "speedup": None, "speedup_ci95": None, "speedup_n": 0,
+                           "acceptance": [d["conditional"] for d in acceptance_by_depth(spec) if d["reached"]]}
     if base:
         out["speedup"] = speedup(spec, base)["ratio_of_sums"]
         out["speedup_ci95"], out["speedup_n"] = speedup_interval(spec, base)

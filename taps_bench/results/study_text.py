@@ -11,8 +11,9 @@ from taps_bench.results.study import NOT_MEASURED
 
 CELL_LEGEND = ("Each cell: tau [95% CI] counting the prefill as a target step (taps-bench's count); EAGLE: tau as "
                "EAGLE and the paper count it (new tokens / verify steps, the prefill not a step), the convention of "
-               "the published rows; speedup [95% CI] over the proposer's own matched autoregressive baseline; n: "
-               "prompts. Intervals: 95% percentile bootstrap over prompts (an MT-Bench question pools its turns, a "
+               "the published rows; acc: acceptance at draft depth 1/2/..., each given that the accepted path "
+               "reached the depth above; speedup [95% CI] over the proposer's own matched autoregressive baseline; "
+               "n: prompts. Intervals: 95% percentile bootstrap over prompts (an MT-Bench question pools its turns, a "
                "prompt its repeats). Oracle rows pick the best drafter per prompt after the fact (analysis only, "
                "never timed).")
 CLAIM_LEGEND = ("Each claim reads \"A above B\", paired over the prompts both have: holds when the 95% interval of "
@@ -35,7 +36,8 @@ def interval(ci: list[float] | None, digits: int = 2, signed: bool = False) -> s
 
 
 def cell_text(cell: dict[str, Any] | None) -> str:
-    """One table cell: `2.38 [2.30, 2.45]; EAGLE 2.45 [2.37, 2.52]; 1.20x [1.16, 1.24]; n=10`, a published one
+    """One table cell: `2.38 [2.30, 2.45]; EAGLE 2.45 [2.37, 2.52]; acc 0.66/0.45/0.31; 1.20x [1.16, 1.24];
+    n=10`, a published one
     `EAGLE 4.09 (published)`, an absent one `-`."""
     if not cell:
         return "-"
@@ -44,6 +46,8 @@ def cell_text(cell: dict[str, Any] | None) -> str:
     parts = [f"{cell['tau']:.2f}{interval(cell['tau_ci95'])}" if cell["tau"] is not None else "tau n/a"]
     if cell.get("tau_eagle") is not None and cell["tau_eagle"] != cell["tau"]:
         parts.append(f"EAGLE {cell['tau_eagle']:.2f}{interval(cell['tau_eagle_ci95'])}")
+    if cell.get("acceptance"):
+        parts.append("acc " + "/".join(f"{a:.2f}" for a in cell["acceptance"]))
     if cell.get("speedup") is not None:
         parts.append(f"{cell['speedup']:.2f}x{interval(cell['speedup_ci95'])}")
     return "; ".join([*parts, f"n={cell['n']}"])
