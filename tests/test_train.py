@@ -300,6 +300,18 @@ def test_bf16_autocast_follows_the_float32_loss_curve(tiny, tmp_path, method):
     assert curves["bfloat16"][-1] < 0.7 * curves["bfloat16"][0]
 
 
+@pytest.mark.parametrize("method", ["eagle2", "hass"])
+def test_training_leaves_the_target_untouched_and_gradient_free(method, tmp_path):
+    """The target is frozen: no gradient of its (tied) lm_head is computed or accumulated, and its weights stay."""
+    target = tiny_target("llama", seed=3, vocab=97, hidden=64)
+    target.requires_grad_(True)  # as transformers loads a model
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    train(None, target, make_seqs(target, [14, 18], seed=5), settings(method, epochs=1, batch_tokens=40),
+          workdir(tmp_path), show_progress=False)
+    assert all(p.grad is None and not p.requires_grad for p in target.parameters())
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
 def test_training_is_deterministic_per_seed(tiny, tmp_path):
     seqs = make_seqs(tiny, [14, 18, 22], seed=12)
     runs = {}

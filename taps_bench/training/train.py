@@ -221,6 +221,9 @@ def train(drafter: Drafter | Eagle3Drafter | None, target_model: Any, seqs: list
     identity = json.dumps({"settings": asdict(s), "sequences": len(seqs),
                            "tokens": sum(int(q.ids.numel()) for q in seqs)}, sort_keys=True)
     drafter.train()
+    # The target is frozen: without this autograd also computes the gradient of its 49152 x 576 lm_head (tied to
+    # the embeddings) in every pass, a third of a HASS step's matrix work, and accumulates it into the target.
+    target_model.requires_grad_(False)
     embed, lm_head = target_model.get_input_embeddings(), vocab_head(target_model.lm_head, s.head_dtype)
     params = [p for p in drafter.parameters() if p.requires_grad]
     device_type = next(drafter.parameters()).device.type
