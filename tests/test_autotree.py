@@ -12,7 +12,7 @@ from taps_bench.catalog.cards import TreeOverride, TreeSettings
 from taps_bench.decoding.eagle2 import EagleProposer
 from taps_bench.decoding.engine import new_cache, prefill
 from taps_bench.decoding.sampling import Sampling
-from taps_bench.measure import autotree
+from taps_bench.measure import autotree, provenance
 from taps_bench.measure.autotree import CALIBRATION_TREE, DeviceProfile, Step, predicted_tau, rank, sub_tree
 from taps_bench.models.drafter import random_drafter
 from taps_bench.models.forward import prepare
@@ -126,6 +126,22 @@ def test_profile_is_measured_once_then_read_back(monkeypatch):
     autotree.cached_profile(target, make, "test", list(range(3, 40)), log=lambda _: None)
     assert len(calls) > n  # a damaged cache is measured again, never trusted
     assert json.loads(path.read_text())["key"]["target"] == "tiny"
+
+
+def test_a_profile_belongs_to_the_cpu_model_it_was_timed_on(monkeypatch):
+    """Timings are per processor: the key names the CPU model (not just `x86_64`), so a cache carried to another
+    machine is measured again there."""
+    model = tiny_target("llama", seed=0, vocab=97, hidden=64)
+    target = type("T", (), {"model": model, "name": "tiny", "checkpoint_hash": "0" * 64,
+                            "device": torch.device("cpu"), "dtype": torch.float32})()
+    keys = []
+    for cpu in ("AMD EPYC 9654", "Intel(R) Xeon(R) Platinum 8480+"):
+        monkeypatch.setattr(autotree, "device_name", lambda _device, cpu=cpu: cpu)
+        keys.append(autotree.profile_key(target, "test"))
+    assert [k["device"] for k in keys] == ["AMD EPYC 9654", "Intel(R) Xeon(R) Platinum 8480+"]
+    assert autotree._digest(keys[0]) != autotree._digest(keys[1])
+    monkeypatch.undo()
+    assert autotree.profile_key(target, "test")["device"] == provenance.device_name(target.device)
 
 
 def test_calibration_and_profile_hand_an_eagle3_proposer_its_tapped_features():

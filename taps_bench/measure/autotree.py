@@ -31,6 +31,7 @@ from taps_bench.decoding.engine import features, generate, new_cache, prefill, v
 from taps_bench.decoding.proposer import Proposer
 from taps_bench.decoding.sampling import Sampling
 from taps_bench.decoding.tree import DraftTree
+from taps_bench.measure.provenance import device_name
 from taps_bench.models.forward import packing_available, prepare
 from taps_bench.models.targets import Target
 from taps_bench.paths import home, write_atomic
@@ -63,19 +64,11 @@ class DeviceProfile:
 
 def profile_key(target: Target, drafting: str) -> dict[str, Any]:
     return {"version": PROFILE_VERSION, "target": target.name, "checkpoint": target.checkpoint_hash[:16],
-            "device": _device_name(target.device), "dtype": str(target.dtype).removeprefix("torch."),
+            "device": device_name(target.device), "dtype": str(target.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "drafting": drafting,
             # which kernels the forward and the draft head get here: the same CPU name may or may not have bf16 units
             "packed": [name for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
                        if target.device.type == "cpu" and packing_available(dt)]}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _bushy(n: int, token: int) -> DraftTree:
