@@ -178,6 +178,13 @@ def _claim(claim: str, statement: str, board: tuple[str, float], task: str | Non
     return out
 
 
+def _above(claim: str, board: tuple[str, float], rows: Rows, a: ProposerSpec, b: ProposerSpec,
+           who: str | None = None) -> list[dict[str, Any]]:
+    """"A above B on <task>" on every task both rows measured (`who` names A, else its label)."""
+    return [_claim(claim, f"{who or label(a)} above {label(b)} on {t}", board, t, (a, rows[a]), (b, rows[b]))
+            for t in rows[a] if t in rows[b]]
+
+
 def _same_set(p: ProposerSpec, q: ProposerSpec) -> bool:
     return set(p.drafters) == set(q.drafters)
 
@@ -239,8 +246,7 @@ def _averaging(board: tuple[str, float], rows: Rows, roles: dict[str, dict[str, 
         parents = [p for p in rows if p.drafter in avg.drafters]
         routed = [p for p in rows if p.combiner == "confidence" and _same_set(p, avg)]
         for better, who in [(p, f"parent {label(p)}") for p in parents] + [(r, label(r)) for r in routed]:
-            out += [_claim("averaging", f"{who} above {label(avg)} on {t}", board, t, (better, rows[better]),
-                           (avg, rows[avg])) for t in rows[avg] if t in rows[better]]
+            out += _above("averaging", board, rows, better, avg, who)
         if not parents:
             out.append(_claim("averaging", f"each parent above {label(avg)}", board, None,
                               note="its parents' single-drafter rows are not in this matrix"))
@@ -271,8 +277,7 @@ def _routing(board: tuple[str, float], rows: Rows, roles: dict[str, dict[str, st
         entropy = [p for p in rows if p.combiner == "entropy" and _same_set(p, conf)]
         alike = [p for p in entropy if option(p, "granularity") == option(conf, "granularity")]
         for ent in alike or entropy:
-            out += [_claim("routing", f"{label(conf)} above {label(ent)} on {t}", board, t, (conf, rows[conf]),
-                           (ent, rows[ent])) for t in rows[conf] if t in rows[ent]]
+            out += _above("routing", board, rows, conf, ent)
         if not entropy:
             out.append(_claim("routing", f"{label(conf)} above entropy routing", board, None,
                               note="no entropy routing over the same drafters in this matrix"))
@@ -291,8 +296,7 @@ def _merged(board: tuple[str, float], rows: Rows, roles: dict[str, dict[str, str
         for tree in these:
             routed = [p for p in rows if p.combiner == "confidence" and _same_set(p, tree)]
             for conf in routed:
-                out += [_claim("merged trees", f"{label(tree)} above {label(conf)} on {t}", board, t,
-                               (tree, rows[tree]), (conf, rows[conf])) for t in rows[tree] if t in rows[conf]]
+                out += _above("merged trees", board, rows, tree, conf)
             if not routed:
                 out.append(_claim("merged trees", f"{label(tree)} above confidence routing", board, None,
                                   note="no confidence routing over the same drafters in this matrix"))
