@@ -121,11 +121,36 @@ def test_profile_is_measured_once_then_read_back(monkeypatch):
     n = len(calls)
     again = autotree.cached_profile(target, make, "test", list(range(3, 40)), log=lambda _: None)
     assert len(calls) == n and again == first
-    path = next((autotree.home() / "profiles").glob("*.json"))
-    path.write_text("{not json")
-    autotree.cached_profile(target, make, "test", list(range(3, 40)), log=lambda _: None)
-    assert len(calls) > n  # a damaged cache is measured again, never trusted
-    assert json.loads(path.read_text())["key"]["target"] == "tiny"
+    for part in ("draft", "verify"):
+        path = next((autotree.home() / "profiles").glob(f"{part}-*.json"))
+        path.write_text("{not json")
+        autotree.cached_profile(target, make, "test", list(range(3, 40)), log=lambda _: None)
+        assert json.loads(path.read_text())["key"]["target"] == "tiny"  # a damaged part is measured again
+    assert len(calls) > n
+
+
+def test_verification_is_timed_once_per_target_and_shared_by_every_drafter(monkeypatch):
+    """Verification's cost is the target's: a second kind of drafting times only its drafting, and every drafter is
+    ranked against the same verify curve (each timing its own would give two drafters of one matrix different trees
+    from noise alone). Drafting's ratio is taken against the one-token forward timed beside it."""
+    model = tiny_target("llama", seed=0, vocab=97, hidden=64)
+    target = type("T", (), {"model": model, "name": "tiny", "checkpoint_hash": "0" * 64,
+                            "device": torch.device("cpu"), "dtype": torch.float32})()
+    drafter = random_drafter(model.config)
+    timed = []
+    for part in ("verify", "drafting"):
+        measure = getattr(autotree, f"measure_{part}")
+        monkeypatch.setattr(autotree, f"measure_{part}",
+                            lambda *a, part=part, measure=measure, **k: timed.append(part) or measure(*a, **k))
+    monkeypatch.setattr(autotree, "TOP_KS", (1, 2))
+    make = lambda tree: EagleProposer(drafter, model, tree)  # noqa: E731
+    a = autotree.cached_profile(target, make, "eagle2 vocab=97", list(range(3, 40)), log=lambda _: None)
+    b = autotree.cached_profile(target, make, "eagle3 vocab=40", list(range(3, 40)), log=lambda _: None)
+    assert timed == ["verify", "drafting", "drafting"]
+    assert a.verify_ms == b.verify_ms and a.one_token_ms == b.one_token_ms and a.key != b.key
+    assert b.draft_one_token_ms and b.draft_ratio(1, 1) == b.draft_ms["1/1"] / b.draft_one_token_ms
+    autotree.cached_profile(target, make, "eagle3 vocab=40", list(range(3, 40)), log=lambda _: None, refresh=True)
+    assert timed[3:] == ["verify", "drafting"]  # --refresh measures both parts again
 
 
 def test_a_profile_belongs_to_the_cpu_model_it_was_timed_on(monkeypatch):

@@ -22,9 +22,9 @@ from taps_bench.cli.options import Decoding, Machine, decoding_options, proposer
 @click.pass_obj
 def profile(obj: Context, proposer: ProposerSpec | None, tree: Any, top: int, refresh: bool, decoding: Decoding,
             machine: Machine) -> None:
-    """Device profile of the target (verify cost per tree size, drafting cost per depth and top-k; measured once
-    and cached per target, device, dtype, threads and torch), and with --drafter/--combiner the shapes ranked by
-    predicted speedup on the task's calibration prompts."""
+    """Device profile of the target (verify cost per tree size, measured once and cached per target, device, dtype,
+    threads and torch; drafting cost per depth and top-k, cached per kind of drafting too), and with
+    --drafter/--combiner the shapes ranked by predicted speedup on the task's calibration prompts."""
     from taps_bench.measure import autotree
     from taps_bench.measure.resolve import cost_model, tree_candidates
     from taps_bench.results.report import format_table
@@ -46,7 +46,7 @@ def profile(obj: Context, proposer: ProposerSpec | None, tree: Any, top: int, re
     click.echo(format_table([{"tokens": n, "ms": ms, "ratio": ms / prof.one_token_ms}
                              for n, ms in sorted(prof.verify_ms.items())],
                             [("tokens", "tree tokens"), ("ms", "verify ms"), ("ratio", "x one forward")]))
-    click.echo(format_table([{"shape": k, "ms": v, "ratio": v / prof.one_token_ms}
+    click.echo(format_table([{"shape": k, "ms": v, "ratio": prof.draft_ratio(*map(int, k.split("/")))}
                              for k, v in sorted(prof.draft_ms.items(), key=lambda kv: tuple(map(int, kv[0].split("/"))))
                              if k.split("/")[0] in ("1", "3", "5", "7")],
                             [("shape", "depth/top_k"), ("ms", "draft ms"), ("ratio", "x one forward")]))
@@ -58,7 +58,7 @@ def profile(obj: Context, proposer: ProposerSpec | None, tree: Any, top: int, re
                                        ("speedup", "predicted speedup")]))
     if machine.json:
         click.echo(json.dumps({"profile": prof.key, "one_token_ms": prof.one_token_ms, "verify_ms": prof.verify_ms,
-                               "draft_ms": prof.draft_ms,
+                               "draft_ms": prof.draft_ms, "draft_one_token_ms": prof.draft_one_token_ms,
                                "ranked": [{"tree": c.tree.model_dump(), "tau": c.tau, "verify_ratio": c.verify_ratio,
                                            "draft_ratio": c.draft_ratio, "speedup": c.speedup}
                                           for c in ranked[:top]]}))

@@ -1,8 +1,10 @@
 """`--tree auto`: the tree shape that maximises predicted tokens/s on this device, for this drafter.
 
 Two measurements, one prediction:
-1. the device profile (`DeviceProfile`, `taps-bench profile`): one target forward per tree size, and the proposer's
-   drafting time per (depth, top_k), timed on this machine and cached per target, device, dtype, threads and torch;
+1. the device profile (`DeviceProfile`, `taps-bench profile`): one target forward per tree size, timed once per target,
+   device, dtype, threads and torch and shared by every drafter (so the drafters of one matrix are ranked against
+   one verification curve, not each against its own noisy one), and the proposer's drafting time per (depth, top_k),
+   timed per kind of drafting against a one-token forward of its own;
 2. calibration: the real proposer drafts one large tree per step (128/7/10) on a few prompts of the task that the
    run does not measure, and every step's tree and accepted path is kept;
 3. for each candidate (total_tokens, depth, top_k), the tree EAGLE-2 would have drafted is a sub-tree of the large one
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,8 +45,10 @@ DEPTHS = tuple(range(1, CALIBRATION_TREE.depth + 1))
 TOP_KS = (1, 2, 3, 4, 6, 8, 10)
 # 2: drafting timed in steady state (1: the whole context re-read per call); 3: bfloat16 weights pre-packed where
 # the CPU has bf16 units; 4: only the draft head's (the target's bf16 weights broke batch invariance packed);
-# 5: the target's bf16 weights upcast into the fp32 kernel on CPU (bf16 kernels are not row-invariant on AMX)
-PROFILE_VERSION = 5
+# 5: the target's bf16 weights upcast into the fp32 kernel on CPU (bf16 kernels are not row-invariant on AMX);
+# 6: verification timed once per target (shared by drafters), drafting against its own one-token forward
+PROFILE_VERSION = 6
+VERIFY_REPEATS = 9  # timed once per target and machine, so it can afford more rounds than a drafting profile
 
 
 @dataclass
@@ -54,21 +59,30 @@ class DeviceProfile:
     one_token_ms: float
     verify_ms: dict[int, float]  # tree tokens -> one verify forward
     draft_ms: dict[str, float] = field(default_factory=dict)  # "depth/top_k" -> one propose call
+    # the one-token forward timed beside the drafting (None: `one_token_ms`); a ratio is taken within one timing
+    # session, so a machine a little faster or slower than when verification was timed does not skew drafting's cost
+    draft_one_token_ms: float | None = None
 
     def verify_ratio(self, tokens: int) -> float:
         return self.verify_ms[tokens] / self.one_token_ms
 
     def draft_ratio(self, depth: int, top_k: int) -> float:
-        return self.draft_ms[f"{depth}/{top_k}"] / self.one_token_ms
+        return self.draft_ms[f"{depth}/{top_k}"] / (self.draft_one_token_ms or self.one_token_ms)
 
 
-def profile_key(target: Target, drafting: str) -> dict[str, Any]:
+def verify_key(target: Target) -> dict[str, Any]:
+    """What verification's cost depends on: the target and the machine, not the drafter."""
     return {"version": PROFILE_VERSION, "target": target.name, "checkpoint": target.checkpoint_hash[:16],
             "device": device_name(target.device), "dtype": str(target.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "drafting": drafting,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
             # which kernels the forward and the draft head get here: the same CPU name may or may not have bf16 units
             "packed": [name for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
                        if target.device.type == "cpu" and packing_available(dt)]}
+
+
+def profile_key(target: Target, drafting: str) -> dict[str, Any]:
+    """The verification key and the kind of drafting (`resolve.cost_model`'s label)."""
+    return verify_key(target) | {"drafting": drafting}
 
 
 def _bushy(n: int, token: int) -> DraftTree:
@@ -95,19 +109,41 @@ def _interleaved_ms(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[A
     return dict(zip(calls, isotonic_regression(medians).x.tolist(), strict=True))
 
 
-@torch.inference_mode()
-def measure_profile(target: Target, make_proposer: Callable[[TreeSettings], Proposer], drafting: str,
-                    context: Sequence[int], repeats: int = 5) -> DeviceProfile:
-    """Time verification per tree size and drafting per (depth, top_k) over `context` (a few hundred tokens)."""
+def _prefilled(target: Target, context: Sequence[int], taps: tuple[int, ...] | None) -> tuple[Any, ...]:
     weights = prepare(target.model)
     prompt = torch.tensor(list(context), device=weights.device)
     cache = new_cache(weights, len(context) + max(TOTALS) + 8)
+    hidden, _ = prefill(weights, prompt, cache, taps)
+    return weights, prompt, cache, hidden
+
+
+@torch.inference_mode()
+def measure_verify(target: Target, context: Sequence[int],
+                   repeats: int = VERIFY_REPEATS) -> tuple[float, dict[int, float]]:
+    """One verify forward per tree size over `context` (a few hundred tokens): (one-token ms, tree tokens -> ms).
+    Timed without feature taps: an EAGLE-3 run's verify also returns three layers' input states, which the forward
+    computes anyway (their concatenation is a copy of a few kilobytes)."""
+    weights, _, cache, _ = _prefilled(target, context, None)
+    root = int(context[-1])
+    ms = _interleaved_ms({n: lambda n=n: verify(weights, _bushy(n, root), cache, len(context))
+                          for n in (1, *TOTALS)}, repeats)
+    return ms[1], {n: ms[n] for n in TOTALS}
+
+
+@torch.inference_mode()
+def measure_drafting(target: Target, make_proposer: Callable[[TreeSettings], Proposer], context: Sequence[int],
+                     repeats: int = 5) -> tuple[float, dict[str, float]]:
+    """Drafting per (depth, top_k) over `context`, and a one-token target forward timed before and after it:
+    (one-token ms, "depth/top_k" -> ms)."""
     # The features the proposer drafts from (EAGLE-3: tapped layers), served by the same forwards a run makes.
     taps = features(make_proposer(TreeSettings(total_tokens=max(TOTALS), depth=1, top_k=1)))
-    hidden, _ = prefill(weights, prompt, cache, taps)
+    weights, prompt, cache, hidden = _prefilled(target, context, taps)
     root = int(context[-1])
-    verify_ms = _interleaved_ms({n: lambda n=n: verify(weights, _bushy(n, root), cache, len(context), taps)
-                                 for n in (1, *TOTALS)}, repeats)
+
+    def one_token() -> float:
+        return _interleaved_ms({1: lambda: verify(weights, _bushy(1, root), cache, len(context), taps)}, repeats)[1]
+
+    before = one_token()
     # Drafting is a fixed part plus one drafter forward per level: timed at the shallowest and deepest depth for each
     # top_k, linear in between (a seventh of the timing, and the levels are alike).
     lo, hi = DEPTHS[0], DEPTHS[-1]
@@ -128,30 +164,55 @@ def measure_profile(target: Target, make_proposer: Callable[[TreeSettings], Prop
         timed |= _interleaved_ms({k: v for k, v in calls.items() if k[0] == depth}, repeats)
     draft_ms = {f"{d}/{k}": timed[(lo, k)] + (timed[(hi, k)] - timed[(lo, k)]) * (d - lo) / (hi - lo)
                 for k in TOP_KS for d in DEPTHS}
-    return DeviceProfile(key=profile_key(target, drafting), one_token_ms=verify_ms[1],
-                         verify_ms={n: verify_ms[n] for n in TOTALS}, draft_ms=draft_ms)
+    return (before + one_token()) / 2, draft_ms
 
 
-def cached_profile(target: Target, make_proposer: Callable[[TreeSettings], Proposer], drafting: str,
-                   context: Sequence[int], log: Callable[[str], None] = print, refresh: bool = False) -> DeviceProfile:
-    """The profile from `$TAPS_BENCH_HOME/profiles/`, measured (about a minute) when this machine has none yet or
-    `refresh` (`taps-bench profile --refresh`: after measuring under load, say)."""
-    key = profile_key(target, drafting)
-    path = home() / "profiles" / (_digest(key) + ".json")
+def measure_profile(target: Target, make_proposer: Callable[[TreeSettings], Proposer], drafting: str,
+                    context: Sequence[int], repeats: int = 5) -> DeviceProfile:
+    """Both parts of a profile, measured now (`cached_profile` measures each only when it has none)."""
+    one, verify_ms = measure_verify(target, context, repeats)
+    draft_one, draft_ms = measure_drafting(target, make_proposer, context, repeats)
+    return DeviceProfile(key=profile_key(target, drafting), one_token_ms=one, verify_ms=verify_ms,
+                         draft_ms=draft_ms, draft_one_token_ms=draft_one)
+
+
+def _cached_part(path: Path, key: dict[str, Any], parse: Callable[[dict[str, Any]], Any], refresh: bool,
+                 measure: Callable[[], tuple[float, dict[Any, float]]], field_name: str,
+                 log: Callable[[str], None], what: str) -> tuple[float, dict[Any, float]]:
+    """One part of the profile from its cache file, or measured and cached when there is none, it is another key's
+    or `refresh`. A damaged file is measured again, never trusted."""
     if path.is_file() and not refresh:
         try:
             raw = json.loads(path.read_text())
             if raw.get("key") == key:
-                return DeviceProfile(key=key, one_token_ms=raw["one_token_ms"],
-                                     verify_ms={int(k): v for k, v in raw["verify_ms"].items()},
-                                     draft_ms=raw["draft_ms"])
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is measured again, never trusted
-    log(f"[taps-bench] profiling {target.name} on this machine once (verify and drafting cost; cached in {path})")
-    profile = measure_profile(target, make_proposer, drafting, context)
+                return parse(raw)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+    log(f"[taps-bench] profiling {what} on this machine once (cached in {path})")
+    one, ms = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(asdict(profile), indent=1, sort_keys=True))
-    return profile
+    write_atomic(path, json.dumps({"key": key, "one_token_ms": one, field_name: ms}, indent=1, sort_keys=True))
+    return one, ms
+
+
+def cached_profile(target: Target, make_proposer: Callable[[TreeSettings], Proposer], drafting: str,
+                   context: Sequence[int], log: Callable[[str], None] = print, refresh: bool = False) -> DeviceProfile:
+    """The profile from `$TAPS_BENCH_HOME/profiles/`: verification measured (a few seconds) when this target has
+    none on this machine yet, drafting (about a minute) when this kind of drafting has none; `refresh` (`taps-bench
+    profile --refresh`: after measuring under load, say) measures both again."""
+    vkey, key = verify_key(target), profile_key(target, drafting)
+    folder = home() / "profiles"
+    one, verify_ms = _cached_part(
+        folder / f"verify-{_digest(vkey)}.json", vkey,
+        lambda raw: (float(raw["one_token_ms"]), {n: float(raw["verify_ms"][str(n)]) for n in TOTALS}),
+        refresh, lambda: measure_verify(target, context), "verify_ms", log, f"{target.name}'s verification")
+    draft_one, draft_ms = _cached_part(
+        folder / f"draft-{_digest(key)}.json", key,
+        lambda raw: (float(raw["one_token_ms"]),
+                     {s: float(raw["draft_ms"][s]) for s in (f"{d}/{k}" for k in TOP_KS for d in DEPTHS)}),
+        refresh, lambda: measure_drafting(target, make_proposer, context), "draft_ms", log, f"drafting ({drafting})")
+    return DeviceProfile(key=key, one_token_ms=one, verify_ms=verify_ms, draft_ms=draft_ms,
+                         draft_one_token_ms=draft_one)
 
 
 def _digest(key: dict[str, Any]) -> str:
