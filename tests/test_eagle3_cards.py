@@ -265,6 +265,42 @@ def test_a_matrix_cell_uses_the_drafter_cards_tree(tiny: Path, data_dir: Path) -
         assert prepared.arm.settings["tree"] == tree
 
 
+def test_a_matrix_chooses_the_auto_tree_per_task_whatever_cell_runs_first(
+        tiny: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--tree auto` in a matrix is calibrated on each cell's own task, as `taps-bench run` does, so that a cell's
+    tree does not depend on which cell ran first (a resumed matrix, or a Ray worker, starts anywhere); a fixed tree
+    builds the proposer once for every task."""
+    from taps_bench.matrix import local
+    from taps_bench.matrix.spec import MatrixSpec, plan
+
+    shapes = {"gsm8k": TreeSettings(total_tokens=6, depth=2, top_k=2),
+              "svamp": TreeSettings(total_tokens=4, depth=1, top_k=1)}
+    calibrated: list[str] = []
+
+    def fake_auto_tree(reg: Any, entry: Any, target: Any, shape: Any, task: Any, *a: Any, **k: Any) -> Any:
+        calibrated.append(task.name)
+        return (shapes[task.name], {"tree_choice": "auto", "task": task.name}) if shape == "auto" else (shape, {})
+
+    monkeypatch.setattr(local, "auto_tree", fake_auto_tree)
+    reg = Registry.load(include=[tiny])
+    spec = MatrixSpec(name="m", targets=["tiny-bytes8"], proposers=[ProposerSpec(drafter="tiny-eagle3")],
+                      tasks={"gsm8k": 1, "svamp": 1})
+    cells = {c.task: c for c in plan(spec)}
+    for order in (["gsm8k", "svamp"], ["svamp", "gsm8k"]):
+        monkeypatch.setattr(local, "tree_settings", lambda *a, **k: "auto")
+        bench = local.Workbench(reg, data_dir)
+        for task in order:
+            prepared = bench.prepare(spec, cells[task])
+            assert prepared.arm.settings["tree"] == shapes[task].model_dump()
+            assert prepared.provenance["tree_auto"]["task"] == task  # how it was chosen, kept with the run
+        assert calibrated[-2:] == order
+    monkeypatch.undo()
+    bench = local.Workbench(reg, data_dir)
+    first, second = (bench.prepare(spec, cells[t]) for t in ("gsm8k", "svamp"))
+    assert first.proposer is second.proposer and first.arm.settings["tree"] == CARD_TREE
+    assert "tree_auto" not in first.provenance
+
+
 def test_lm_eval_uses_the_drafter_cards_tree(tiny: Path) -> None:
     pytest.importorskip("lm_eval")
     from taps_bench.evaluation.model import TapsLM

@@ -62,33 +62,41 @@ class Workbench:
         self.reg, self.data_dir, self.device, self.dtype = reg, data_dir, device, dtype
         self.show_progress, self.log = show_progress, log
         self._target: tuple[str, Any, dict[str, Any]] | None = None
-        self._proposers: dict[Any, tuple[Any, str, dict[str, Any]]] = {}
+        # (entry, task, temperature) -> the tree and, when `--tree auto` chose it, how (provenance, as `run` keeps)
+        self._shapes: dict[tuple[Any, str, float], tuple[Any, dict[str, Any]]] = {}
+        self._proposers: dict[tuple[Any, Any], tuple[Any, str, dict[str, Any]]] = {}  # (entry, tree) -> built
         self._examples: dict[tuple[str, int | None], list[Any]] = {}
 
     def prepare(self, spec: MatrixSpec, cell: Cell) -> Prepared:
         if self._target is None or self._target[0] != cell.target:
-            self._target, self._proposers = None, {}  # free the old target before loading the next
+            self._target, self._shapes, self._proposers = None, {}, {}  # free the old target before the next
             target = load_target(self.reg.target(cell.target), self.device, self.dtype)
             self._target = (cell.target, target, provenance.collect(target))
         _, target, prov = self._target
-        if cell.entry not in self._proposers:
+        where = (cell.entry, cell.task, cell.temperature)
+        if where not in self._shapes:
             entry, recipes = check_proposer(self.reg, cell.entry, target.card)
             build_recipes(self.reg, recipes, target, self.data_dir, show_progress=self.show_progress, log=self.log)
-            # "auto" is chosen once per proposer, calibrated on the task of its first cell (at that temperature).
+            # "auto" is chosen per proposer, task and temperature, calibrated on that task's prompts, as `taps-bench
+            # run` chooses it: a cell's tree then does not depend on which cell a (resumed) matrix ran first.
             # A single drafter's card may prefer its own tree, under the spec's `tree` (tree_settings).
-            shape, _ = auto_tree(self.reg, entry, target, tree_settings(target, spec.tree, self.reg, entry),
-                                 self.reg.task(cell.task), self.data_dir,
-                                 Sampling(temperature=cell.temperature, seed=cell.seed), log=self.log)
-            self._proposers[cell.entry] = build_proposer(self.reg, entry, target, shape)
-        proposer, label, settings = self._proposers[cell.entry]
+            shape, chosen = auto_tree(self.reg, entry, target, tree_settings(target, spec.tree, self.reg, entry),
+                                      self.reg.task(cell.task), self.data_dir,
+                                      Sampling(temperature=cell.temperature, seed=cell.seed), log=self.log)
+            self._shapes[where] = (shape, chosen)
+            if (cell.entry, shape) not in self._proposers:  # a fixed tree: one proposer serves every task
+                self._proposers[(cell.entry, shape)] = build_proposer(self.reg, entry, target, shape)
+        shape, chosen = self._shapes[where]
+        proposer, label, settings = self._proposers[(cell.entry, shape)]
         task = self.reg.task(cell.task)
         if (cell.task, cell.limit) not in self._examples:
             self._examples[(cell.task, cell.limit)] = load_examples(task, self.data_dir, cell.limit)
         sampling = Sampling(temperature=cell.temperature, top_p=spec.top_p, top_k=spec.sample_top_k, seed=cell.seed)
         arm = Arm(kind="speculative", proposer=label, sampling=sampling, max_new_tokens=spec.max_new_tokens,
                   settings=settings)
-        return Prepared(target, prov | {"matrix": spec.name}, task, self._examples[(cell.task, cell.limit)],
-                        proposer, arm, data_file_hash(self.data_dir / task.source.local))
+        cell_prov = prov | {"matrix": spec.name} | ({"tree_auto": chosen} if chosen else {})
+        return Prepared(target, cell_prov, task, self._examples[(cell.task, cell.limit)], proposer, arm,
+                        data_file_hash(self.data_dir / task.source.local))
 
 
 def samples_per_cell(spec: MatrixSpec, reg: Registry, data_dir: Path) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """A matrix spec: targets x proposers (drafters and combiners) x tasks x temperatures x repeats, as YAML.
 
 `plan` expands a spec into cells in a fixed order (target, proposer, task, temperature, repeat) so that each target
-is loaded once and each proposer built once (`matrix.local` and `matrix.ray_executor` run them). A cell's key is the
-hash of everything that decides its samples, so a restarted matrix finds the cells it finished.
+is loaded once and each proposer built once per tree (`matrix.local` and `matrix.ray_executor` run them). A cell's
+key is the hash of everything that decides its samples, so a restarted matrix finds the cells it finished.
 
 Repeats differ only by their sampling seed (`seed + repeat`). Greedy decoding does not depend on the seed, so at
 temperature 0 a matrix runs one repeat whatever `repeats` says (more would only recompute identical samples).
